@@ -1,0 +1,1 @@
+"""Data: sources, the MedMNIST crop-resize recipe, in-memory datasets, augmentation."""

@@ -1,0 +1,68 @@
+"""The fast data path: whole splits as uint8 NCHW tensors, batches cut by index, augmented as a batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bloodcell.data.store import PreparedData
+
+
+def to_uint8_nchw(images: np.ndarray) -> torch.Tensor:
+    """NxHxWx3 uint8 array -> Nx3xHxW uint8 tensor in channels-last memory (no copy of pixel values)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a uint8 NCHW tensor, in [0, 1] units."""
+    x = images.float().div_(255)
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+
+
+class Normalizer:
+    """uint8 batch -> float in [0, 1] (the paper's scaling), optionally standardised per channel."""
+
+    def __init__(self, mean: list[float] | None = None, std: list[float] | None = None):
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1) if mean else None
+        self.std = torch.tensor(std).view(1, -1, 1, 1) if std else None
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.float().div_(255).contiguous(memory_format=torch.channels_last)
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x
+
+
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Random flips (``flip``) or the 8 symmetries of the square (``dihedral``), per image, whole batch at once.
+
+    Cells have no preferred orientation, so these change no label. Flips are applied to index subsets,
+    not image by image.
+    """
+    if kind == "none":
+        return x
+    n = x.shape[0]
+    r = torch.randint(0, 8 if kind == "dihedral" else 4, (n,), generator=generator)
+    out = x.clone()
+    hflip, vflip = (r & 1).bool(), (r & 2).bool()
+    out[hflip] = out[hflip].flip(3)
+    out[vflip] = out[vflip].flip(2)
+    if kind == "dihedral":
+        t = (r & 4).bool()
+        out[t] = out[t].transpose(2, 3)
+    return out
+
+
+def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Indices of about ``limit`` items keeping the class proportions (for quick smoke runs)."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    frac = min(1.0, limit / len(labels))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep.append(rng.permutation(idx)[: max(1, round(frac * len(idx)))])
+    return np.sort(np.concatenate(keep))
+
+
+def split_tensors(data: PreparedData, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return to_uint8_nchw(data.images[split]), torch.from_numpy(data.labels[split])

@@ -1,0 +1,63 @@
+"""The paper's CNN family: the plain CNN of Table 3 and its attention variants SE-, SA- and CBAM-CNN."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from bloodcell.models.blocks import ConvBNReLU, MaxPoolSame, keras_init_, make_attention
+from bloodcell.models.registry import feature_shape, register_model
+
+
+class PaperCNN(nn.Module):
+    """Conv blocks of growing width, each followed by max-pooling and (optionally) an attention block.
+
+    ``pool``: ``"stride2"`` halves the map (2x2, stride 2, Keras 'valid'); ``"stride1"`` is the Keras
+    ``MaxPooling2D(2, strides=1, padding='same')`` of the paper's plain CNN, which keeps 64x64 all the way
+    and so ends in a 1M-wide dense layer.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 8,
+        input_size: int = 64,
+        in_channels: int = 3,
+        widths: tuple[int, ...] = (32, 64, 128, 256),
+        pool: str = "stride2",
+        attention: str = "none",
+        dropout: float = 0.0,
+        batch_norm: bool = True,
+    ):
+        super().__init__()
+        if pool not in ("stride1", "stride2"):
+            raise ValueError(f"pool must be 'stride1' or 'stride2', not '{pool}'")
+        stages = []
+        c_in = in_channels
+        for w in widths:
+            stage = [ConvBNReLU(c_in, w, batch_norm=batch_norm)]
+            stage.append(nn.MaxPool2d(2, 2) if pool == "stride2" else MaxPoolSame())
+            stage.append(make_attention(attention, w))
+            stages.append(nn.Sequential(*stage))
+            c_in = w
+        self.features = nn.Sequential(*stages)
+        flat = math.prod(feature_shape(self.features, in_channels, input_size))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(flat, num_classes))
+        keras_init_(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+register_model(
+    "cnn", PaperCNN, "cnn",
+    "Table 3 CNN: 4 conv blocks 32-256, max-pool 2x2 stride 1 (same), dense on 64x64x256",
+    pool="stride1",
+)
+for _att, _label in (("se", "channel attention (paper 'SE')"), ("sa", "spatial attention"), ("cbam", "CBAM")):
+    register_model(
+        f"{_att}-cnn", PaperCNN, "attention-cnn",
+        f"CNN with {_label} after each pooled conv block, dropout 0.2",
+        attention=_att, dropout=0.2,
+    )

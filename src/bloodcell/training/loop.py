@@ -1,0 +1,204 @@
+"""One training run: config in, run folder out (config, history, weights, metrics). Resumable."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bloodcell import __version__
+from bloodcell.data.recipe import Recipe
+from bloodcell.data.store import PreparedData, load_dataset
+from bloodcell.data.tensors import Normalizer, augment_batch, channel_stats, split_tensors, stratified_subset
+from bloodcell.errors import BloodcellError
+from bloodcell.io import read_json, write_json, write_text
+from bloodcell.models import count_params_keras, count_params_trainable, create_model, get_spec
+from bloodcell.training.checkpoint import load_state_file, save_state, save_weights
+from bloodcell.training.config import TrainConfig
+from bloodcell.training.schedules import lr_factor
+
+HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+def set_threads(threads: int | None) -> int:
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    name = cfg.optimizer or get_spec(cfg.model).optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: torch.Tensor, norm: Normalizer, batch_size: int = 512) -> torch.Tensor:
+    """Logits for a whole uint8 NCHW tensor, in batches, in eval mode."""
+    model.eval()
+    return torch.cat([model(norm(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+
+
+def weights_meta(cfg: TrainConfig, data: PreparedData, norm_stats: dict | None, epoch: int) -> dict:
+    """What a weights file carries so it can be used without the run folder: model, classes, recipe."""
+    recipe = data.meta.get("recipe") or Recipe(size=data.size).to_dict()
+    return {
+        "model": cfg.model,
+        "model_args": cfg.model_args,
+        "class_names": data.class_names,
+        "input_size": data.size,
+        "recipe": recipe,
+        "scaling": "divide by 255",
+        "normalization": norm_stats,
+        "epoch": epoch,
+        "dataset": data.meta.get("name"),
+        "bloodcell_version": __version__,
+    }
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool | None = None,
+          data: PreparedData | None = None, log=print) -> dict:
+    """Train ``cfg`` into run folder ``out``; with ``resume`` continue from its last finished epoch.
+
+    Returns the training summary (also written to ``metrics.json`` under "training").
+    """
+    out = Path(out)
+    cfg.validate()
+    state_path, config_path = out / "state.pt", out / "config.json"
+    if resume:
+        if not config_path.is_file():
+            raise BloodcellError(f"{out}: no run to resume (config.json missing)")
+        saved = TrainConfig.load(config_path)
+        saved.epochs = max(saved.epochs, cfg.epochs)  # a resume may extend a run, never shorten it
+        cfg = saved
+    elif config_path.exists():
+        raise BloodcellError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
+
+    threads = set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if data is None:
+        data = load_dataset(cfg.data, cfg.size, cfg.data_dir)
+    if data.size != cfg.size:
+        raise BloodcellError(f"dataset '{cfg.data}' has {data.size}px images, but --size is {cfg.size}")
+    x_train, y_train = split_tensors(data, "train")
+    x_val, y_val = split_tensors(data, "val")
+    if cfg.train_limit:
+        keep = torch.from_numpy(stratified_subset(data.labels["train"], cfg.train_limit, cfg.seed))
+        x_train, y_train = x_train[keep], y_train[keep]
+    norm_stats = None
+    if cfg.normalize:
+        mean, std = channel_stats(x_train)
+        norm_stats = {"mean": mean, "std": std}
+    norm = Normalizer(**(norm_stats or {}))
+
+    model = create_model(cfg.model, num_classes=data.num_classes, input_size=data.size, **cfg.model_args)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    best = {"val_acc": -1.0, "epoch": -1}
+    start = 0
+    if resume and state_path.is_file():
+        st = load_state_file(state_path)
+        model.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        history, best, start = st["history"], st["best"], st["epoch"] + 1
+        history = [dict(h) for h in history]
+        log(f"resuming {out} after epoch {start} of {cfg.epochs}")
+    elif not resume:
+        out.mkdir(parents=True, exist_ok=True)
+    cfg.save(config_path)
+
+    params = {"keras": count_params_keras(model), "trainable": count_params_trainable(model)}
+    if progress is None:
+        progress = sys.stderr.isatty()
+    from tqdm import tqdm
+
+    n, bs = len(x_train), cfg.batch_size
+    for epoch in range(start, cfg.epochs):
+        lr = cfg.lr * lr_factor(cfg.schedule, epoch, cfg.epochs)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen)
+        loss_sum, correct = 0.0, 0
+        bar = tqdm(range(0, n, bs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=not progress, leave=False)
+        for i in bar:
+            idx = perm[i : i + bs]
+            xb = augment_batch(x_train[idx], cfg.augment, gen)
+            yb = y_train[idx]
+            logits = model(norm(xb))
+            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(1) == yb).sum().item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        train_s = time.perf_counter() - t0
+        val_logits = predict_logits(model, x_val, norm)
+        val_loss = F.cross_entropy(val_logits, y_val).item()
+        val_acc = (val_logits.argmax(1) == y_val).float().mean().item()
+        row = {"epoch": epoch + 1, "train_loss": round(loss_sum / n, 6), "train_acc": round(correct / n, 6),
+               "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6), "lr": lr,
+               "seconds": round(time.perf_counter() - t0, 3)}
+        history.append(row)
+        meta = weights_meta(cfg, data, norm_stats, epoch + 1)
+        if val_acc > best["val_acc"]:
+            best = {"val_acc": val_acc, "epoch": epoch + 1}
+            save_weights(out / "best.safetensors", model, meta)
+        save_weights(out / "last.safetensors", model, meta)
+        _write_history(out / "history.csv", history)
+        save_state(state_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "history": history, "best": best, "epoch": epoch,
+        })
+        log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}  "
+            f"val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s "
+            f"(train {train_s:.1f}s)")
+
+    secs = [h["seconds"] for h in history]
+    summary = {
+        "model": cfg.model,
+        "params_keras": params["keras"],
+        "params_trainable": params["trainable"],
+        "epochs": len(history),
+        "first_epoch_seconds": secs[0] if secs else None,
+        "mean_epoch_seconds": round(float(np.mean(secs)), 3) if secs else None,
+        "total_seconds": round(float(np.sum(secs)), 3),
+        "best_epoch": best["epoch"],
+        "best_val_acc": best["val_acc"],
+        "final_val_acc": history[-1]["val_acc"] if history else None,
+        "threads": threads,
+        "train_images": n,
+    }
+    metrics_path = out / "metrics.json"
+    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+    metrics["training"] = summary
+    write_json(metrics_path, metrics)
+    return summary
