@@ -145,8 +145,10 @@ def main() -> int:
         f1 = np.array([r["f1_weighted"] for r in runs])
         results["seeds"] = runs
         results["summary"] = {
-            "test_accuracy_mean": round(float(acc.mean()), 4), "test_accuracy_std": round(float(acc.std(ddof=0)), 4),
-            "test_f1_weighted_mean": round(float(f1.mean()), 4), "test_f1_weighted_std": round(float(f1.std(ddof=0)), 4),
+            "test_accuracy_mean": round(float(acc.mean()), 4),
+            "test_accuracy_std": round(float(acc.std(ddof=0)), 4),
+            "test_f1_weighted_mean": round(float(f1.mean()), 4),
+            "test_f1_weighted_std": round(float(f1.std(ddof=0)), 4),
             "first_epoch_seconds_mean": round(float(np.mean([r["first_epoch_seconds"] for r in runs])), 1),
             "mean_epoch_seconds": round(float(np.mean([r["mean_epoch_seconds"] for r in runs])), 1),
             "total_train_seconds": round(float(np.sum([r["total_seconds"] for r in runs])), 0),
@@ -182,7 +184,8 @@ def render(r: dict) -> str:
     if "pipeline_comparison" in r:
         c = r["pipeline_comparison"]
         lines += ["## Training throughput: our data path vs the per-sample pipeline", "",
-                  f"SE-CNN, batch {c['batch_size']}, {c['steps']} timed steps each, {c['threads']} threads, one run.", "",
+                  f"SE-CNN, batch {c['batch_size']}, {c['steps']} timed steps each, {c['threads']} threads, "
+                  "one process, one after another.", "",
                   "| data path | training images/s |", "|---|---|",
                   f"| in-memory uint8 tensors, batch flips (ours) | {c['ours_images_per_s']} |",
                   f"| PIL + torchvision per sample, DataLoader workers=0 | {c['per_sample_w0_images_per_s']} |",

@@ -117,11 +117,25 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- train / evaluate / predict
+def _parse_model_args(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BloodcellError(f"--model-arg '{item}' is not KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from bloodcell.training import TrainConfig, train
 
     cfg = TrainConfig(
-        model=a.model, data=a.data, size=a.size, data_dir=a.data_dir, epochs=a.epochs, batch_size=a.batch_size,
+        model=a.model, model_args=_parse_model_args(a.model_arg), data=a.data, size=a.size, data_dir=a.data_dir,
+        epochs=a.epochs, batch_size=a.batch_size,
         seed=a.seed, optimizer=a.optimizer, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         schedule=a.schedule, normalize=a.normalize, augment=a.augment, label_smoothing=a.label_smoothing,
         train_limit=a.train_limit, threads=a.threads,
@@ -248,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
         "weights (safetensors), state.pt for --resume, and metrics.json.")
     tr.add_argument("--model", default="se-cnn", help="registered model name, see 'bloodcell models' "
                     "(default: %(default)s)")
+    tr.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                    help="override a model argument, e.g. bn_momentum=0.1 or dropout=0.3 (repeatable)")
     _add_data_args(tr)
     tr.add_argument("--epochs", type=int, default=20, help="epochs (default: %(default)s)")
     tr.add_argument("--batch-size", type=int, default=64, help="batch size (default: %(default)s)")

@@ -27,6 +27,8 @@ class Predictor:
 
     def __init__(self, run_or_weights: str | Path, checkpoint: str = "best"):
         p = Path(run_or_weights)
+        if not p.exists():
+            raise BloodcellError(f"{p}: run folder or weights file not found")
         if p.is_dir():
             p = p / f"{checkpoint}.safetensors"
             if not p.is_file():

@@ -99,9 +99,9 @@ def stratified_split(labels: np.ndarray, seed: int) -> np.ndarray:
 
     idx = np.arange(len(labels))
     try:
-        rest, test = train_test_split(idx, test_size=SPLIT_FRACTIONS[2], stratify=labels, random_state=seed)
-        val_share = SPLIT_FRACTIONS[1] / (SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1])
-        train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=seed)
+        n_test, n_val = round(SPLIT_FRACTIONS[2] * len(idx)), round(SPLIT_FRACTIONS[1] * len(idx))
+        rest, test = train_test_split(idx, test_size=n_test, stratify=labels, random_state=seed)
+        train, val = train_test_split(rest, test_size=n_val, stratify=labels[rest], random_state=seed)
     except ValueError as e:
         raise BloodcellError(f"cannot make a stratified 70/10/20 split: {e}") from None
     out = np.empty(len(labels), dtype=object)
@@ -267,6 +267,7 @@ def download_bloodmnist(size: int = 64, root: str | Path | None = None) -> dict:
     try:
         medmnist.BloodMNIST(split="train", download=True, size=size, root=str(target))
     except Exception as e:  # network errors come in many types (URLError, RuntimeError, OSError ...)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        msg = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
         raise BloodcellError(f"could not download BloodMNIST at {size}px ({msg}); {how}") from None
     return prepare_from_npz(target / fname, name="bloodmnist", size=size, root=root)

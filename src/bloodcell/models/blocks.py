@@ -28,10 +28,11 @@ def keras_init_(module: nn.Module) -> nn.Module:
 class ConvBNReLU(nn.Sequential):
     """Conv 3x3 'same' with bias -> BatchNorm (Keras defaults) -> ReLU: the paper's conv block."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, batch_norm: bool = True):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, batch_norm: bool = True,
+                 bn_momentum: float = KERAS_BN["momentum"]):
         layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=True)]
         if batch_norm:
-            layers.append(nn.BatchNorm2d(out_ch, **KERAS_BN))
+            layers.append(nn.BatchNorm2d(out_ch, momentum=bn_momentum, eps=KERAS_BN["eps"]))
         layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
 

@@ -17,6 +17,8 @@ class PaperCNN(nn.Module):
     ``pool``: ``"stride2"`` halves the map (2x2, stride 2, Keras 'valid'); ``"stride1"`` is the Keras
     ``MaxPooling2D(2, strides=1, padding='same')`` of the paper's plain CNN, which keeps 64x64 all the way
     and so ends in a 1M-wide dense layer.
+    ``bn_momentum`` is PyTorch's (Keras 0.99 = 0.01 here): so slow an average needs a few hundred steps
+    before eval-mode predictions are sound; raise it (e.g. 0.1) for small datasets.
     """
 
     def __init__(
@@ -29,6 +31,7 @@ class PaperCNN(nn.Module):
         attention: str = "none",
         dropout: float = 0.0,
         batch_norm: bool = True,
+        bn_momentum: float = 0.01,
     ):
         super().__init__()
         if pool not in ("stride1", "stride2"):
@@ -36,7 +39,7 @@ class PaperCNN(nn.Module):
         stages = []
         c_in = in_channels
         for w in widths:
-            stage = [ConvBNReLU(c_in, w, batch_norm=batch_norm)]
+            stage = [ConvBNReLU(c_in, w, batch_norm=batch_norm, bn_momentum=bn_momentum)]
             stage.append(nn.MaxPool2d(2, 2) if pool == "stride2" else MaxPoolSame())
             stage.append(make_attention(attention, w))
             stages.append(nn.Sequential(*stage))

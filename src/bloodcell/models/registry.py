@@ -70,7 +70,7 @@ def create_model(name: str, num_classes: int = 8, input_size: int = 64, **overri
         raise BloodcellError(f"model '{name}' is defined for input sizes {sizes}, not {input_size}")
     try:
         return spec.builder(num_classes=num_classes, input_size=input_size, **{**spec.kwargs, **overrides})
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, TypeError) as e:
         raise BloodcellError(f"cannot build model '{name}' at {input_size}x{input_size}: {e}") from None
 
 

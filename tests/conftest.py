@@ -1,0 +1,79 @@
+"""Shared fixtures: small synthetic data the tests make themselves, and the real PBC data when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+PBC = Path(os.environ.get("BLOODCELL_PBC", REPO.parent / "shared" / "data" / "pbc"))
+CLASSES = ["alpha", "beta", "gamma"]
+
+torch.set_num_threads(int(os.environ.get("BLOODCELL_TEST_THREADS", min(2, os.cpu_count() or 1))))
+
+
+def synthetic_cell(label: int, rng: np.random.Generator, size: int = 96) -> np.ndarray:
+    """A light background with one coloured disc; the class sets colour and radius, so it is learnable."""
+    img = np.full((size, size, 3), 235, dtype=np.uint8) + rng.integers(0, 15, (size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = size / 2 + rng.normal(0, 3, 2)
+    r = size * (0.15 + 0.08 * label)
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+    colour = np.array([[150, 60, 160], [200, 90, 90], [90, 90, 200]][label % 3], dtype=np.uint8)
+    img[disc] = colour
+    return img
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data_dir(tmp_path, monkeypatch):
+    """Every test gets its own dataset cache so nothing leaks between tests or into the user's cache."""
+    monkeypatch.setenv("BLOODCELL_DATA_DIR", str(tmp_path / "datasets"))
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """A folder-per-class tree of 20 JPEG/PNG images per class (96x97 px, like a small PBC)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cells"
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(20):
+            arr = synthetic_cell(c, rng)
+            arr = np.concatenate([arr, arr[:1]], axis=0)  # 97 x 96: not square, like the PBC images
+            ext = "png" if i % 4 == 0 else "jpg"
+            Image.fromarray(arr).save(root / name / f"{name}_{i:03d}.{ext}")
+    return root
+
+
+def synthetic_arrays(n_per_class: dict[str, int], size: int = 28, k: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n in n_per_class.items():
+        labels = np.repeat(np.arange(k), n)
+        imgs = np.stack([
+            np.asarray(Image.fromarray(synthetic_cell(int(y), rng)).resize((size, size), Image.Resampling.BICUBIC))
+            for y in labels
+        ])
+        out[f"{split}_images"] = imgs.astype(np.uint8)
+        out[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    return out
+
+
+@pytest.fixture
+def tiny_npz(tmp_path) -> Path:
+    """A MedMNIST-format npz with 8 classes at 28x28, written by the test itself."""
+    path = tmp_path / "bloodmnist.npz"
+    np.savez(path, **synthetic_arrays({"train": 12, "val": 4, "test": 4}, size=28))
+    return path
+
+
+@pytest.fixture
+def pbc() -> Path:
+    if not (PBC / "split.csv").is_file():
+        pytest.skip(f"real PBC data not found at {PBC}")
+    return PBC

@@ -1,0 +1,125 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bloodcell.data.sources import prepare_from_npz
+from bloodcell.errors import BloodcellError
+from bloodcell.training import TrainConfig, train
+from bloodcell.training.checkpoint import load_model, read_weights
+from bloodcell.training.schedules import lr_factor
+
+FAST = dict(model="se-cnn", data="bloodmnist", size=28, batch_size=32, threads=1)
+
+
+@pytest.fixture
+def prepared(tiny_npz):
+    prepare_from_npz(tiny_npz)
+    return "bloodmnist"
+
+
+def history(run):
+    with open(run / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_schedules():
+    assert lr_factor("paper", 0, 20) == 1.0
+    assert 1e-3 * lr_factor("paper", 7, 20) == pytest.approx(6.08e-5, rel=1e-2)  # logged by the paper's code
+    assert 1e-3 * lr_factor("paper", 9, 20) == pytest.approx(1.11e-5, rel=1e-2)
+    assert lr_factor("exp", 10, 20) == pytest.approx(np.exp(-1.0))
+    assert lr_factor("cosine", 0, 10) == 1.0 and lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+
+
+def test_run_folder_contents(prepared, tmp_path):
+    run = tmp_path / "run"
+    summary = train(TrainConfig(**FAST, epochs=2, augment="dihedral", schedule="cosine"), run, log=lambda s: None)
+    for name in ("config.json", "history.csv", "metrics.json", "best.safetensors", "last.safetensors", "state.pt"):
+        assert (run / name).is_file(), name
+    rows = history(run)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    assert float(rows[1]["lr"]) == pytest.approx(5e-4)
+    assert summary["first_epoch_seconds"] == float(rows[0]["seconds"]) > 0
+    assert TrainConfig.load(run / "config.json") == TrainConfig(**FAST, epochs=2, augment="dihedral", schedule="cosine")
+    _, meta = read_weights(run / "last.safetensors")
+    assert meta["class_names"][0] == "basophil" and meta["input_size"] == 28
+    assert meta["recipe"]["size"] == 28 and meta["model"] == "se-cnn"
+    assert json.loads((run / "metrics.json").read_text())["training"]["params_keras"] > 0
+
+
+def test_same_seed_gives_identical_results(prepared, tmp_path):
+    cfg = TrainConfig(**FAST, epochs=2, augment="flip")
+    train(cfg, tmp_path / "a", log=lambda s: None)
+    train(cfg, tmp_path / "b", log=lambda s: None)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in history(tmp_path / "a")]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in history(tmp_path / "b")]
+    wa, wb = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    train(TrainConfig(**{**FAST, "seed": 1}, epochs=2, augment="flip"), tmp_path / "c", log=lambda s: None)
+    wc = load_file(tmp_path / "c" / "last.safetensors")
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_interrupted_run_resumes_to_the_same_result(prepared, tmp_path):
+    cfg = TrainConfig(**FAST, epochs=3, augment="dihedral", schedule="cosine")
+    train(cfg, tmp_path / "straight", log=lambda s: None)
+
+    def ctrl_c_after_epoch_2(msg):
+        if msg.startswith("epoch   2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", log=ctrl_c_after_epoch_2)
+    assert len(history(tmp_path / "cut")) == 2
+    with pytest.raises(BloodcellError, match="already holds a run"):
+        train(cfg, tmp_path / "cut", log=lambda s: None)
+    train(cfg, tmp_path / "cut", resume=True, log=lambda s: None)
+    a, b = history(tmp_path / "straight"), history(tmp_path / "cut")
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in a] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in b]
+    wa, wb = load_file(tmp_path / "straight" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_killed_run_keeps_its_checkpoint_and_resumes(prepared, tmp_path):
+    """SIGKILL mid-run (a real process, no chance to clean up) leaves whole files; --resume then ends
+    exactly where an uninterrupted run ends."""
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "bloodcell", "train", "--model", "se-cnn", "--data", "bloodmnist",
+                "--size", "28", "--epochs", "8", "--batch-size", "32", "--threads", "1", "--out", str(out), *extra]
+
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(run), **quiet)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "history.csv").is_file():
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(history(run))
+    assert 1 <= done < 8, "the run should have been killed part-way"
+    load_model(run / "last.safetensors")  # intact, not half-written
+    subprocess.run(cmd(run, "--resume"), check=True, **quiet)
+    subprocess.run(cmd(tmp_path / "straight"), check=True, **quiet)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(history(run)) == strip(history(tmp_path / "straight"))
+
+
+def test_train_limit_and_size_mismatch(prepared, tmp_path):
+    s = train(TrainConfig(**FAST, epochs=1, train_limit=40), tmp_path / "lim", log=lambda s: None)
+    assert s["train_images"] == 40
+    # bloodmnist at 64px is not prepared: it would be downloaded, which fails here (offline) with advice
+    with pytest.raises(BloodcellError, match="could not download BloodMNIST at 64px.*--npz"):
+        train(TrainConfig(**{**FAST, "size": 64}, epochs=1), tmp_path / "x", log=lambda s: None)
+    with pytest.raises(BloodcellError, match="has 28px images, but --size is 64"):
+        train(TrainConfig(**{**FAST, "size": 64}, epochs=1), tmp_path / "y", log=lambda s: None,
+              data=__import__("bloodcell.data.store").data.store.load_dataset("bloodmnist", 28))
