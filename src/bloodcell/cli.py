@@ -313,7 +313,21 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--out", help="also write the results to FILE.csv or FILE.json")
     pd.add_argument("--checkpoint", choices=("best", "last"), default="best", help="default: %(default)s")
     pd.set_defaults(func=cmd_predict)
+
+    for register in _command_modules():
+        register(sub, dsub)
     return p
+
+
+def _command_modules() -> list:
+    """Commands that live beside their feature: each module has ``add_commands(sub, data_sub)``.
+
+    A feature folder (e.g. ``explain/``) adds its sub-commands here instead of growing this file.
+    """
+    import importlib
+
+    names: list[str] = []  # e.g. "bloodcell.explain.commands"
+    return [importlib.import_module(n).add_commands for n in names]
 
 
 def main(argv: list[str] | None = None) -> int:
