@@ -160,15 +160,12 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from bloodcell.evaluation.evaluate import evaluate_run, format_report
-    from bloodcell.io import read_json
 
     m = evaluate_run(a.run_dir, a.split, a.checkpoint, speed=not a.no_speed)
     if a.json:
         print(json.dumps(m, indent=2))
         return 0
-    classes = list(read_json(Path(a.run_dir) / "config.json") and m["per_class"].keys())
-    classes = [c for c in classes if c not in ("accuracy", "macro avg", "weighted avg")]
-    print(format_report(m, classes))
+    print(format_report(m, m["class_names"]))
     print(f"\nreport: {Path(a.run_dir) / 'metrics.json'}, {Path(a.run_dir) / f'confusion_{a.split}.png'}")
     return 0
 

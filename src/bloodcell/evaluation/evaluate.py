@@ -79,6 +79,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
         "checkpoint": checkpoint,
         "checkpoint_epoch": meta.get("epoch"),
         "dataset": data.meta.get("name", cfg.data),
+        "class_names": data.class_names,
         "params_keras": count_params_keras(model),
         "params_trainable": count_params_trainable(model),
         "model_size_mb": round(wpath.stat().st_size / 1e6, 3),
