@@ -171,3 +171,25 @@ def test_recipe_crops_centre_then_resizes_antialiased():
     assert small.std() < 10
     # an image already at the target size passes through untouched
     assert np.array_equal(apply_recipe(Image.fromarray(out), Recipe(64, 200)), out)
+
+
+def test_prepare_applies_reviewed_corrections(image_tree, tmp_path):
+    base = prepare_from_folder(image_tree, size=28, progress=False)
+    victim, dropped = base["paths"]["train"][0], base["paths"]["train"][1]
+    fix = tmp_path / "review.csv"
+    fix.write_text(f"path,given_label,action,new_label\n{victim},alpha,relabel,gamma\n{dropped},alpha,drop,\n")
+    info = prepare_from_folder(image_tree, size=28, progress=False, corrections=fix)
+    assert not info["reused"]
+    assert info["corrections"]["relabelled"] == 1 and info["corrections"]["dropped"] == 1
+    assert len(info["corrections"]["sha256"]) == 64
+    assert info["counts"]["train"] == [12, 14, 15]
+    assert dropped not in info["paths"]["train"]
+    meta = json.loads(open(info["json"]).read())
+    assert meta["corrections"] == info["corrections"]
+    assert prepare_from_folder(image_tree, size=28, progress=False, corrections=fix)["reused"]
+    fix.write_text(f"path,given_label,action,new_label\n{victim},alpha,relabel,beta\n")
+    again = prepare_from_folder(image_tree, size=28, progress=False, corrections=fix)
+    assert not again["reused"] and again["counts"]["train"] == [13, 15, 14]
+    fix.write_text(f"path,given_label,action,new_label\n{victim},beta,relabel,gamma\n")
+    with pytest.raises(BloodcellError, match="given_label 'beta'"):
+        prepare_from_folder(image_tree, size=28, progress=False, corrections=fix)

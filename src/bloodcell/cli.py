@@ -42,10 +42,13 @@ def cmd_data_prepare(a: argparse.Namespace) -> int:
         raise BloodcellError("give exactly one of --source DIR, --npz FILE or --download")
     if a.source:
         info = sources.prepare_from_folder(a.source, a.size, a.crop, a.split_file, a.name, a.seed, a.data_dir,
-                                           force=a.force, workers=a.workers, progress=sys.stderr.isatty())
+                                           force=a.force, workers=a.workers, progress=sys.stderr.isatty(),
+                                           corrections=a.corrections)
     elif a.npz:
-        info = sources.prepare_from_npz(a.npz, a.name, a.size, a.data_dir)
+        info = sources.prepare_from_npz(a.npz, a.name, a.size, a.data_dir, corrections=a.corrections)
     else:
+        if a.corrections:
+            raise BloodcellError("--corrections applies to --source or --npz; download first, then prepare --npz")
         info = sources.download_bloodmnist(a.size, a.data_dir)
     state = "up to date (inputs unchanged), reused" if info.get("reused") else "prepared"
     print(f"dataset '{info['name']}' at {info['size']}px {state}: {info['npz']}")
@@ -53,6 +56,9 @@ def cmd_data_prepare(a: argparse.Namespace) -> int:
     print("  " + ", ".join(f"{s} {sum(c)}" for s, c in counts.items()) + f" images, {len(info['class_names'])} classes")
     if info.get("decode_seconds") is not None and not info.get("reused"):
         print(f"  decoded in {info['decode_seconds']:.1f}s")
+    if info.get("corrections"):
+        c = info["corrections"]
+        print(f"  corrections from {c.get('file')}: {c.get('relabelled')} relabelled, {c.get('dropped')} dropped")
     skipped = info.get("skipped", [])
     if skipped:
         print(f"  skipped {len(skipped)} file(s) that could not be decoded:")
@@ -99,20 +105,35 @@ def cmd_data_info(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- models
 def cmd_models(a: argparse.Namespace) -> int:
+    import re
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     from bloodcell.models import count_params_keras, count_params_trainable, create_model, list_models
 
+    def natural(spec) -> list:  # cnn-t2-2 before cnn-t2-10
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", spec.name)]
+
     rows = []
-    for spec in list_models():
-        m = create_model(spec.name, input_size=64)
+    for spec in sorted(list_models(), key=natural):
+        m = create_model(spec.name, input_size=64).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            m(torch.zeros(1, 3, 64, 64))
         rows.append({"name": spec.name, "family": spec.family, "params_keras": count_params_keras(m),
-                     "params_trainable": count_params_trainable(m), "optimizer": spec.optimizer,
+                     "params_trainable": count_params_trainable(m),
+                     "mflops_64": round(counter.get_total_flops() / 1e6, 1),  # FLOPs = 2 x multiply-adds
+                     "optimizer": spec.optimizer,
+                     "input_sizes": list(spec.input_sizes) if spec.input_sizes else None,
                      "description": spec.description})
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = ["name", "family", "params (Keras)", "trainable", "optimizer", "description"]
+    header = ["name", "family", "params (Keras)", "trainable", "MFLOPs@64", "optimizer", "description"]
     print(_text_table(header, [[r["name"], r["family"], f"{r['params_keras']:,}", f"{r['params_trainable']:,}",
-                                r["optimizer"], r["description"]] for r in rows]))
+                                f"{r['mflops_64']:,.1f}", r["optimizer"], r["description"]] for r in rows]))
+    print("MFLOPs: forward pass of one 64x64 image, counted by torch FlopCounterMode (1 multiply-add = 2 FLOPs).")
     return 0
 
 
@@ -235,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--name", help="dataset name (default: the source folder's name; 'bloodmnist' for --npz)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default: 0)")
     pr.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    pr.add_argument("--corrections", help="reviewed CSV from 'bloodcell review' (action keep/relabel/drop, "
+                    "new_label), applied and recorded with its hash in the dataset metadata")
     pr.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
     pr.add_argument("--data-dir", default=None, help=DIR_HELP)
     pr.set_defaults(func=cmd_data_prepare)
@@ -323,7 +346,7 @@ def _command_modules() -> list:
     """
     import importlib
 
-    names: list[str] = []  # e.g. "bloodcell.explain.commands"
+    names: list[str] = ["bloodcell.explain.commands"]
     return [importlib.import_module(n).add_commands for n in names]
 
 

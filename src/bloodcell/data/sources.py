@@ -152,8 +152,13 @@ def prepare_from_folder(
     force: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    corrections: str | Path | None = None,
 ) -> dict:
-    """Import a folder-per-class tree with the MedMNIST recipe; reuse the cache when nothing changed."""
+    """Import a folder-per-class tree with the MedMNIST recipe; reuse the cache when nothing changed.
+
+    ``corrections``: a reviewed CSV from ``bloodcell review`` (keep / relabel / drop), applied after the
+    import and recorded, with its hash, in the metadata.
+    """
     source = Path(source).expanduser()
     classes, items = scan_class_folders(source)
     name = name or source.resolve().name
@@ -175,7 +180,8 @@ def prepare_from_folder(
         split_source = {"kind": "stratified", "fractions": SPLIT_FRACTIONS, "seed": seed}
 
     extra = {"recipe": str(recipe.to_dict()), "split": hashlib.sha256(split_bytes).hexdigest(),
-             "split_source": str(split_source.get("fractions")), "seed": seed if splits is None else None}
+             "split_source": str(split_source.get("fractions")), "seed": seed if splits is None else None,
+             "corrections": _file_hash(corrections)}
     fp = fingerprint(source, rel_paths, extra)
     npz_path, json_path = dataset_paths(name, size, root)
     if not force and npz_path.is_file() and json_path.is_file():
@@ -216,12 +222,32 @@ def prepare_from_folder(
         "decode_seconds": round(decode_s, 2),
         "bloodcell_version": __version__,
     }
+    arrays, meta = _maybe_correct(arrays, meta, corrections)
     write_dataset(name, size, arrays, meta, root)
     return {**meta, "reused": False, "npz": str(npz_path), "json": str(json_path)}
 
 
+def _file_hash(path: str | Path | None) -> str | None:
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise BloodcellError(f"{p}: corrections file not found")
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _maybe_correct(arrays: dict, meta: dict, corrections: str | Path | None) -> tuple[dict, dict]:
+    if not corrections:
+        return arrays, meta
+    from bloodcell.data.corrections import apply_corrections
+
+    arrays, meta, _ = apply_corrections(arrays, meta, corrections)
+    return arrays, meta
+
+
 def prepare_from_npz(
-    path: str | Path, name: str | None = None, size: int | None = None, root: str | Path | None = None
+    path: str | Path, name: str | None = None, size: int | None = None, root: str | Path | None = None,
+    corrections: str | Path | None = None,
 ) -> dict:
     """Register an official (or any MedMNIST-format) npz as a prepared dataset."""
     path = Path(path).expanduser()
@@ -237,11 +263,12 @@ def prepare_from_npz(
         "recipe": Recipe(size=actual).to_dict(),
         "source": {"kind": "npz", "path": str(path.resolve())},
         "split_source": {"kind": "npz"},
-        "fingerprint": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "fingerprint": hashlib.sha256(path.read_bytes() + (_file_hash(corrections) or "").encode()).hexdigest(),
         "counts": {s: np.bincount(arrays[f"{s}_labels"].reshape(-1), minlength=8).tolist() for s in SPLITS},
         "skipped": [],
         "bloodcell_version": __version__,
     }
+    arrays, meta = _maybe_correct(arrays, meta, corrections)
     npz_path, json_path = write_dataset(name, actual, arrays, meta, root)
     return {**meta, "reused": False, "npz": str(npz_path), "json": str(json_path)}
 

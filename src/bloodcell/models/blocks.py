@@ -7,6 +7,8 @@ max-pooled descriptors (``ChannelAttention``); the classic squeeze-excitation of
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,48 @@ class ConvBNReLU(nn.Sequential):
             layers.append(nn.BatchNorm2d(out_ch, momentum=bn_momentum, eps=KERAS_BN["eps"]))
         layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
+
+
+def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], value: float = 0.0) -> torch.Tensor:
+    """Pad as TensorFlow's ``padding='same'`` does: output ceil(n / stride), the odd pixel on the right/bottom."""
+    pads = []
+    for n, k, s in zip(reversed(x.shape[2:]), reversed(kernel), reversed(stride)):
+        total = max((math.ceil(n / s) - 1) * s + k - n, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value) if any(pads) else x
+
+
+class Conv2dSame(nn.Conv2d):
+    """``nn.Conv2d`` with Keras ``padding='same'`` for any stride (PyTorch's ``'same'`` only allows stride 1)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int | tuple[int, int], stride: int = 1, bias: bool = True):
+        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=0, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(pad_same(x, self.kernel_size, self.stride))
+
+
+class MaxPool2dSame(nn.Module):
+    """Keras ``MaxPooling2D(k, strides=s, padding='same')``: pads with -inf so padding never wins."""
+
+    def __init__(self, kernel_size: int, stride: int):
+        super().__init__()
+        self.kernel_size, self.stride = (kernel_size, kernel_size), (stride, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(pad_same(x, self.kernel_size, self.stride, float("-inf")), self.kernel_size, self.stride)
+
+
+class ConvBNAct(nn.Sequential):
+    """Keras-'same' conv with bias -> BatchNorm (Keras defaults) -> activation; any kernel shape and stride."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int | tuple[int, int] = 3, stride: int = 1,
+                 act: type[nn.Module] = nn.ReLU, bn_momentum: float = KERAS_BN["momentum"]):
+        super().__init__(
+            Conv2dSame(in_ch, out_ch, kernel_size, stride),
+            nn.BatchNorm2d(out_ch, momentum=bn_momentum, eps=KERAS_BN["eps"]),
+            act(inplace=True),
+        )
 
 
 class MaxPoolSame(nn.Module):

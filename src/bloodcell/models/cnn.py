@@ -19,6 +19,8 @@ class PaperCNN(nn.Module):
     and so ends in a 1M-wide dense layer.
     ``bn_momentum`` is PyTorch's (Keras 0.99 = 0.01 here): so slow an average needs a few hundred steps
     before eval-mode predictions are sound; raise it (e.g. 0.1) for small datasets.
+    ``pool_last=False`` drops the pooling (and attention) after the last conv block; ``hidden`` > 0 adds
+    Dense(hidden) + ReLU before the output layer (the Table 2 ablations, see ``cnn_ablation``).
     """
 
     def __init__(
@@ -32,21 +34,27 @@ class PaperCNN(nn.Module):
         dropout: float = 0.0,
         batch_norm: bool = True,
         bn_momentum: float = 0.01,
+        pool_last: bool = True,
+        hidden: int = 0,
     ):
         super().__init__()
         if pool not in ("stride1", "stride2"):
             raise ValueError(f"pool must be 'stride1' or 'stride2', not '{pool}'")
         stages = []
         c_in = in_channels
-        for w in widths:
+        for i, w in enumerate(widths):
             stage = [ConvBNReLU(c_in, w, batch_norm=batch_norm, bn_momentum=bn_momentum)]
-            stage.append(nn.MaxPool2d(2, 2) if pool == "stride2" else MaxPoolSame())
-            stage.append(make_attention(attention, w))
+            if pool_last or i < len(widths) - 1:
+                stage.append(nn.MaxPool2d(2, 2) if pool == "stride2" else MaxPoolSame())
+                stage.append(make_attention(attention, w))
             stages.append(nn.Sequential(*stage))
             c_in = w
         self.features = nn.Sequential(*stages)
         flat = math.prod(feature_shape(self.features, in_channels, input_size))
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(flat, num_classes))
+        dense: list[nn.Module] = [nn.Linear(flat, hidden), nn.ReLU(inplace=True)] if hidden else []
+        self.head = nn.Sequential(
+            nn.Flatten(), *dense, nn.Dropout(dropout), nn.Linear(hidden or flat, num_classes)
+        )
         keras_init_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,3 +72,8 @@ for _att, _label in (("se", "channel attention (paper 'SE')"), ("sa", "spatial a
         f"CNN with {_label} after each pooled conv block, dropout 0.2",
         attention=_att, dropout=0.2,
     )
+register_model(
+    "se-classic-cnn", PaperCNN, "attention-cnn",
+    "CNN with classic squeeze-excitation (Hu et al., avg-pool MLP r=16, with bias) after each block, dropout 0.2",
+    attention="se-classic", dropout=0.2,
+)

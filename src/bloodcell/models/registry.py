@@ -46,7 +46,7 @@ def register_model(
 
 def _load_families() -> None:
     # Importing a family module registers its models.
-    from bloodcell.models import cnn  # noqa: F401
+    from bloodcell.models import autoencoder, cnn, cnn_ablation, inception, resnet, vgg  # noqa: F401
 
 
 def get_spec(name: str) -> ModelSpec:

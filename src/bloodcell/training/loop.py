@@ -131,6 +131,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     elif not resume:
         out.mkdir(parents=True, exist_ok=True)
     cfg.save(config_path)
+    if getattr(model, "needs_pretraining", False) and start == 0:  # e.g. the AutoClassifier's autoencoder stage
+        from bloodcell.training.autoencoder import pretrain
+
+        pretrain(model, x_train, x_val, norm, cfg, out, gen, log)
 
     params = {"keras": count_params_keras(model), "trainable": count_params_trainable(model)}
     if progress is None:

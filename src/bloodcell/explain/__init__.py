@@ -1,0 +1,1 @@
+"""Interpretability and error analysis: Grad-CAM, prediction galleries, label review."""

@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pytest
+
+from bloodcell.cli import main
+from bloodcell.data.sources import prepare_from_npz
+from bloodcell.errors import BloodcellError
+from bloodcell.explain.errors import confused_pairs, error_analysis
+from bloodcell.explain.gradcam import GradCam, centre_energy_share, rank_correlations, spatial_layers
+from bloodcell.explain.runs import report
+from bloodcell.models import create_model, list_models
+from bloodcell.predict import Predictor
+from bloodcell.training import TrainConfig, train
+
+
+@pytest.fixture
+def run(tiny_npz, tmp_path):
+    prepare_from_npz(tiny_npz)
+    out = tmp_path / "run"
+    train(TrainConfig(model="se-cnn", data="bloodmnist", size=28, epochs=2, batch_size=32, threads=1), out,
+          log=lambda s: None)
+    return out
+
+
+@pytest.mark.parametrize("name", [s.name for s in list_models()])
+def test_every_registered_model_has_a_default_layer(name):
+    layers = spatial_layers(create_model(name, input_size=64), 64)
+    assert layers and all(x.shape[1] > 1 and x.shape[2] > 1 for x in layers)
+
+
+def test_maps_have_input_size_and_depend_on_target(run):
+    from bloodcell.data.store import load_dataset
+
+    gc = GradCam(Predictor(run))
+    images = load_dataset("bloodmnist", 28).images["test"][:6]
+    m0, probs = gc.maps(images, 0)
+    m5, _ = gc.maps(images, 5)
+    assert m0.shape == (6, 28, 28) and probs.shape == (6, 8)
+    assert not np.allclose(m0, m5)
+    with pytest.raises(BloodcellError, match="not a spatial layer"):
+        GradCam(Predictor(run), layer="head")
+
+
+def test_centre_share_and_rank_correlation_are_measured():
+    centre = np.zeros((1, 20, 20))
+    centre[0, 8:12, 8:12] = 1
+    border = np.zeros((1, 20, 20))
+    border[0, :2, :] = 1
+    assert centre_energy_share(centre)[0] == 1.0 and centre_energy_share(border)[0] == 0.0
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 8, 8))
+    rho = rank_correlations(a, np.stack([a[0], -a[1], rng.normal(size=(8, 8))]))
+    assert rho[0] == pytest.approx(1) and rho[1] == pytest.approx(-1) and abs(rho[2]) < 0.5
+
+
+def test_report_and_cli(run, tmp_path, capsys):
+    r = report(run, limit=16, randomisation_images=4)
+    assert -1 <= r["randomisation_spearman_mean"] <= 1
+    assert 0 <= r["centre_energy_share_mean"] <= 1 and set(r["centre_energy_share_per_class"]) >= {"basophil"}
+    assert json.loads((run / "explain" / "gradcam_report.json").read_text())["layer"] == r["layer"]
+    from PIL import Image
+
+    Image.fromarray(np.full((50, 60, 3), 180, np.uint8)).save(tmp_path / "x.png")
+    out = str(tmp_path / "o")
+    assert main(["explain", str(run), str(tmp_path / "x.png"), "--class", "platelet", "--out", out]) == 0
+    assert (tmp_path / "o" / "x_gradcam_platelet.png").is_file()
+    assert main(["explain", str(run), "--grid", "--per-class", "1", "--compare", str(run)]) == 0
+    assert (run / "explain" / "gradcam_grid_test.png").stat().st_size > 1000
+    assert main(["explain", "--list-layers", str(run)]) == 0
+    assert "(default)" in capsys.readouterr().out
+
+
+def test_error_galleries_and_confused_pairs(run):
+    pairs = confused_pairs(np.array([0, 0, 0, 1, 1]), np.array([1, 1, 0, 0, 1]), ["a", "b"])
+    assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [("a", "b", 2), ("b", "a", 1)]
+    r = error_analysis(run, "test", per_class=3)
+    assert r["n"] == 32 and r["errors"] == sum(p["count"] for p in r["pairs"])
+    for key in ("correct", "incorrect", "confused_pairs_csv", "confused_pairs_md"):
+        assert (run / "errors_test" / r["files"][key].split("/")[-1]).is_file()
+    assert main(["errors", str(run), "--per-class", "2"]) == 0
