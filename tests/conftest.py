@@ -73,6 +73,19 @@ def tiny_npz(tmp_path) -> Path:
 
 
 @pytest.fixture
+def run(tiny_npz, tmp_path) -> Path:
+    """A run folder: SE-CNN trained for 2 epochs on the tiny npz at 28x28."""
+    from bloodcell.data.sources import prepare_from_npz
+    from bloodcell.training import TrainConfig, train
+
+    prepare_from_npz(tiny_npz)
+    out = tmp_path / "run"
+    train(TrainConfig(model="se-cnn", data="bloodmnist", size=28, epochs=2, batch_size=32, threads=1), out,
+          log=lambda s: None)
+    return out
+
+
+@pytest.fixture
 def pbc() -> Path:
     if not (PBC / "split.csv").is_file():
         pytest.skip(f"real PBC data not found at {PBC}")

@@ -7,22 +7,11 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from bloodcell.cli import main
-from bloodcell.data.sources import prepare_from_npz
 from bloodcell.errors import BloodcellError
 from bloodcell.evaluation.evaluate import evaluate_run
 from bloodcell.evaluation.metrics import classification_metrics
 from bloodcell.predict import Predictor
-from bloodcell.training import TrainConfig, train
 from bloodcell.training.checkpoint import load_model
-
-
-@pytest.fixture
-def run(tiny_npz, tmp_path):
-    prepare_from_npz(tiny_npz)
-    out = tmp_path / "run"
-    train(TrainConfig(model="se-cnn", data="bloodmnist", size=28, epochs=2, batch_size=32, threads=1), out,
-          log=lambda s: None)
-    return out
 
 
 def test_metrics_match_scikit_learn():

@@ -4,23 +4,12 @@ import numpy as np
 import pytest
 
 from bloodcell.cli import main
-from bloodcell.data.sources import prepare_from_npz
 from bloodcell.errors import BloodcellError
 from bloodcell.explain.errors import confused_pairs, error_analysis
 from bloodcell.explain.gradcam import GradCam, centre_energy_share, rank_correlations, spatial_layers
 from bloodcell.explain.runs import report
 from bloodcell.models import create_model, list_models
 from bloodcell.predict import Predictor
-from bloodcell.training import TrainConfig, train
-
-
-@pytest.fixture
-def run(tiny_npz, tmp_path):
-    prepare_from_npz(tiny_npz)
-    out = tmp_path / "run"
-    train(TrainConfig(model="se-cnn", data="bloodmnist", size=28, epochs=2, batch_size=32, threads=1), out,
-          log=lambda s: None)
-    return out
 
 
 @pytest.mark.parametrize("name", [s.name for s in list_models()])

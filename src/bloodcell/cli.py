@@ -192,9 +192,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    import csv
-
-    from bloodcell.io import write_json, write_text
+    from bloodcell.io import csv_text, write_json, write_text
     from bloodcell.predict import Predictor
 
     pred = Predictor(a.run_dir, a.checkpoint)
@@ -215,15 +213,10 @@ def cmd_predict(a: argparse.Namespace) -> int:
             write_json(out, [{"path": r.path, "error": r.error,
                               "top": [{"class": c, "probability": p} for c, p in (r.top or [])]} for r in results])
         else:
-            import io
-
-            buf = io.StringIO()
-            w = csv.writer(buf, lineterminator="\n")
             k = max((len(r.top) for r in results if r.top), default=0)
-            w.writerow(["path", "error", *[f"{x}{i + 1}" for i in range(k) for x in ("class", "prob")]])
-            for r in results:
-                w.writerow([r.path, r.error or "", *[v for c, p in (r.top or []) for v in (c, f"{p:.6f}")]])
-            write_text(out, buf.getvalue())
+            header = ["path", "error", *[f"{x}{i + 1}" for i in range(k) for x in ("class", "prob")]]
+            write_text(out, csv_text(header, ([r.path, r.error or "", *[v for c, p in (r.top or [])
+                                                                      for v in (c, f"{p:.6f}")]] for r in results)))
         print(f"wrote {out}")
     print(f"classified {good} of {len(results)} file(s)", file=sys.stderr)
     return 0 if good else 1

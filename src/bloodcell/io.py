@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,16 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def csv_text(header: list[str], rows: Iterable[dict | Sequence]) -> str:
+    """CSV with a header line; rows are dicts keyed by the header or sequences in its order."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow([r.get(h, "") for h in header] if isinstance(r, dict) else list(r))
+    return buf.getvalue()
 
 
 def read_json(path: str | Path) -> Any:

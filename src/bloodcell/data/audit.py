@@ -13,9 +13,7 @@ A pair is "conflicting" if its two images have different labels, "leakage" if th
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from PIL import Image
 
 from bloodcell.data.images import ImageDecodeError, load_rgb
 from bloodcell.errors import BloodcellError
-from bloodcell.io import write_text
+from bloodcell.io import csv_text, write_text
 
 HASH_SIZE = 16
 THRESHOLD = 10
@@ -199,19 +197,11 @@ PAIR_FIELDS = ["kind", "distance", "path_a", "class_a", "split_a", "path_b", "cl
 
 
 def pairs_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=PAIR_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
+    return csv_text(PAIR_FIELDS, rows)
 
 
 def unreadable_csv(unreadable: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["path", "reason"], lineterminator="\n")
-    w.writeheader()
-    w.writerows(unreadable)
-    return buf.getvalue()
+    return csv_text(["path", "reason"], unreadable)
 
 
 def summary_text(s: dict) -> str:

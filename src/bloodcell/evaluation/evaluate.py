@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from bloodcell.data.tensors import Normalizer, split_tensors
 from bloodcell.errors import BloodcellError
 from bloodcell.evaluation.metrics import classification_metrics
 from bloodcell.evaluation.plots import confusion_matrix_png, history_png
-from bloodcell.io import read_json, write_json, write_text
+from bloodcell.io import csv_text, read_json, write_json, write_text
 from bloodcell.models import count_params_keras, count_params_trainable
 from bloodcell.training.checkpoint import load_model
 from bloodcell.training.config import TrainConfig
@@ -87,12 +86,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     if speed:
         m["cpu"] = cpu_speed(model, data.size)
     cm = np.asarray(m["confusion_matrix"])
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["true\\pred", *data.class_names])
-    for name, row in zip(data.class_names, cm):
-        w.writerow([name, *row.tolist()])
-    write_text(run_dir / f"confusion_{split}.csv", buf.getvalue())
+    write_text(run_dir / f"confusion_{split}.csv",
+               csv_text(["true\\pred", *data.class_names], ([n, *r.tolist()] for n, r in zip(data.class_names, cm))))
     confusion_matrix_png(cm, data.class_names, run_dir / f"confusion_{split}.png",
                          f"{cfg.model} on {split}: accuracy {m['accuracy']:.4f}")
     hist_path = run_dir / "history.csv"

@@ -5,8 +5,6 @@ Everything comes from one prediction pass over the split (``predict_logits``, as
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from bloodcell.data.tensors import Normalizer, to_uint8_nchw
 from bloodcell.evaluation.evaluate import weights_path
 from bloodcell.explain.common import SplitData, load_run_split
 from bloodcell.explain.figures import gallery_png
-from bloodcell.io import write_text
+from bloodcell.io import csv_text, write_text
 from bloodcell.training.checkpoint import load_model
 from bloodcell.training.config import TrainConfig
 from bloodcell.training.loop import predict_logits, set_threads
@@ -66,14 +64,11 @@ def _gallery_rows(d: SplitData, probs: np.ndarray, correct: bool, per_class: int
 
 
 def pairs_csv(pairs: list[dict], d: SplitData, examples: int = 5) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["true", "predicted", "count", "share_of_true", "example_indices", "example_paths"])
-    for r in pairs:
-        ex = r["indices"][:examples]
-        w.writerow([r["true"], r["predicted"], r["count"], r["share_of_true"], " ".join(map(str, ex)),
-                    " ".join(d.paths[i] for i in ex) if d.paths else ""])
-    return buf.getvalue()
+    header = ["true", "predicted", "count", "share_of_true", "example_indices", "example_paths"]
+    return csv_text(header, ([r["true"], r["predicted"], r["count"], r["share_of_true"],
+                              " ".join(map(str, r["indices"][:examples])),
+                              " ".join(d.paths[i] for i in r["indices"][:examples]) if d.paths else ""]
+                             for r in pairs))
 
 
 def pairs_markdown(pairs: list[dict], d: SplitData, run: str, accuracy: float, examples: int = 3) -> str:

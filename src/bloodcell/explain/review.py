@@ -9,8 +9,6 @@ The CSV is meant to be edited (``action``: keep / relabel / drop, ``new_label``)
 
 from __future__ import annotations
 
-import csv
-import io
 import tempfile
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from bloodcell.data.tensors import Normalizer, to_uint8_nchw
 from bloodcell.errors import BloodcellError
 from bloodcell.explain.common import split_paths
 from bloodcell.explain.figures import gallery_png
-from bloodcell.io import write_text
+from bloodcell.io import csv_text, write_text
 from bloodcell.training.checkpoint import load_model
 from bloodcell.training.config import TrainConfig
 from bloodcell.training.loop import predict_logits, train
@@ -103,11 +101,7 @@ def review_rows(data: PreparedData, probs: np.ndarray, top: int) -> list[dict]:
 
 
 def rows_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=REVIEW_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
+    return csv_text(REVIEW_FIELDS, rows)
 
 
 def review_dataset(data_name: str, size: int = 64, model: str = "se-cnn", folds: int = 5, epochs: int = 5,

@@ -7,8 +7,6 @@ reconstructions) into the run folder, then freezes the encoder for stage 2.
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from bloodcell.data.tensors import Normalizer
-from bloodcell.io import write_text
+from bloodcell.io import csv_text, write_text
 from bloodcell.training.config import TrainConfig
 
 AE_HISTORY_FIELDS = ["epoch", "train_mse", "val_mse", "seconds"]
@@ -73,11 +71,7 @@ def pretrain(model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, norm:
         history.append(row)
         log(f"autoencoder {epoch + 1:>3}/{epochs}  mse {row['train_mse']:.5f}  val_mse {val_mse:.5f}  "
             f"{row['seconds']:.1f}s")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=AE_HISTORY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(out / "history_autoencoder.csv", buf.getvalue())
+    write_text(out / "history_autoencoder.csv", csv_text(AE_HISTORY_FIELDS, history))
     save_reconstructions(autoencoder, x_val, norm, out / "autoencoder_reconstructions.png")
     model.freeze_encoder(True)
     return history

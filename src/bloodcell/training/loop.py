@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import sys
 import time
@@ -19,7 +17,7 @@ from bloodcell.data.recipe import Recipe
 from bloodcell.data.store import PreparedData, load_dataset
 from bloodcell.data.tensors import Normalizer, augment_batch, channel_stats, split_tensors, stratified_subset
 from bloodcell.errors import BloodcellError
-from bloodcell.io import read_json, write_json, write_text
+from bloodcell.io import csv_text, read_json, write_json, write_text
 from bloodcell.models import count_params_keras, count_params_trainable, create_model, get_spec
 from bloodcell.training.checkpoint import load_state_file, save_state, save_weights
 from bloodcell.training.config import TrainConfig
@@ -66,14 +64,6 @@ def weights_meta(cfg: TrainConfig, data: PreparedData, norm_stats: dict | None, 
         "dataset": data.meta.get("name"),
         "bloodcell_version": __version__,
     }
-
-
-def _write_history(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    write_text(path, buf.getvalue())
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool | None = None,
@@ -177,7 +167,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             best = {"val_acc": val_acc, "epoch": epoch + 1}
             save_weights(out / "best.safetensors", model, meta)
         save_weights(out / "last.safetensors", model, meta)
-        _write_history(out / "history.csv", history)
+        write_text(out / "history.csv", csv_text(HISTORY_FIELDS, history))
         save_state(state_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
             "torch_rng": torch.get_rng_state(), "history": history, "best": best, "epoch": epoch,
