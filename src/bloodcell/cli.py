@@ -159,7 +159,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         epochs=a.epochs, batch_size=a.batch_size,
         seed=a.seed, optimizer=a.optimizer, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         schedule=a.schedule, normalize=a.normalize, augment=a.augment, label_smoothing=a.label_smoothing,
-        train_limit=a.train_limit, threads=a.threads,
+        train_limit=a.train_limit, threads=a.threads, balance=a.balance,
     ).validate()
     data_tag = Path(a.data).stem if a.data.endswith(".npz") else a.data
     out = Path(a.out) if a.out else Path("runs") / f"{a.model}_{data_tag}{a.size}_seed{a.seed}"
@@ -292,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "'constant' (default: %(default)s)")
     tr.add_argument("--augment", choices=("none", "flip", "dihedral"), default="dihedral",
                     help="batch augmentation: random flips, or all 8 flips/90-degree turns (default: %(default)s)")
+    tr.add_argument("--balance", choices=("none", "augment", "smote", "class-weight"), default="none",
+                    help="class balancing of the training split: oversample minority classes to the majority count "
+                    "by augmentation (flips, rotation, shift, zoom, drawn from all their images) or SMOTE, or "
+                    "weigh the loss by inverse class frequency (default: %(default)s)")
     tr.add_argument("--normalize", action="store_true",
                     help="standardise by the training set's channel mean/std (default: only divide by 255)")
     tr.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default: 0)")

@@ -11,6 +11,7 @@ from bloodcell.io import read_json, write_json
 
 SCHEDULES = ("paper", "exp", "cosine", "constant")
 AUGMENTS = ("none", "flip", "dihedral")
+BALANCES = ("none", "augment", "smote", "class-weight")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
@@ -34,6 +35,7 @@ class TrainConfig:
     normalize: bool = False  # subtract the training set's channel mean, divide by its std
     augment: str = "none"
     label_smoothing: float = 0.0
+    balance: str = "none"  # oversample the training split ("augment", "smote") or weigh the loss ("class-weight")
     train_limit: int | None = None  # use only the first N training images (stratified), for smoke tests
     threads: int | None = None
 
@@ -42,6 +44,8 @@ class TrainConfig:
             raise BloodcellError(f"unknown schedule '{self.schedule}' (known: {', '.join(SCHEDULES)})")
         if self.augment not in AUGMENTS:
             raise BloodcellError(f"unknown augmentation '{self.augment}' (known: {', '.join(AUGMENTS)})")
+        if self.balance not in BALANCES:
+            raise BloodcellError(f"unknown balancing '{self.balance}' (known: {', '.join(BALANCES)})")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise BloodcellError(f"unknown optimizer '{self.optimizer}' (known: {', '.join(OPTIMIZERS)})")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:

@@ -13,9 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from bloodcell import __version__
+from bloodcell.data.balance import balance_training_set, class_weights
 from bloodcell.data.recipe import Recipe
 from bloodcell.data.store import PreparedData, load_dataset
-from bloodcell.data.tensors import Normalizer, augment_batch, channel_stats, split_tensors, stratified_subset
+from bloodcell.data.tensors import (
+    Normalizer,
+    augment_batch,
+    channel_stats,
+    split_tensors,
+    stratified_subset,
+    to_uint8_nchw,
+)
 from bloodcell.errors import BloodcellError
 from bloodcell.io import csv_text, read_json, write_json, write_text
 from bloodcell.models import count_params_keras, count_params_trainable, create_model, get_spec
@@ -96,6 +104,13 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if cfg.train_limit:
         keep = torch.from_numpy(stratified_subset(data.labels["train"], cfg.train_limit, cfg.seed))
         x_train, y_train = x_train[keep], y_train[keep]
+    loss_weight = None
+    if cfg.balance in ("augment", "smote"):
+        imgs, labels = balance_training_set(x_train.permute(0, 2, 3, 1).numpy(), y_train.numpy(),
+                                            data.num_classes, cfg.balance, cfg.seed)
+        x_train, y_train = to_uint8_nchw(imgs), torch.from_numpy(labels)
+    elif cfg.balance == "class-weight":
+        loss_weight = class_weights(y_train.numpy(), data.num_classes)
     norm_stats = None
     if cfg.normalize:
         mean, std = channel_stats(x_train)
@@ -147,7 +162,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             xb = augment_batch(x_train[idx], cfg.augment, gen)
             yb = y_train[idx]
             logits = model(norm(xb))
-            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits, yb, weight=loss_weight, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -190,6 +205,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         "final_val_acc": history[-1]["val_acc"] if history else None,
         "threads": threads,
         "train_images": n,
+        "train_class_counts": np.bincount(y_train.numpy(), minlength=data.num_classes).tolist(),
     }
     metrics_path = out / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
