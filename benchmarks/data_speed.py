@@ -17,6 +17,7 @@ import numpy as np
 from bloodcell.data.sources import prepare_from_folder
 from bloodcell.data.store import load_dataset
 from bloodcell.data.tensors import split_tensors
+from bloodcell.evaluation.machine import machine_info
 from bloodcell.io import write_json, write_text
 
 ROOT = Path(__file__).resolve().parent
@@ -29,7 +30,8 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "results" / "data_speed"))
     a = p.parse_args()
     src = Path(a.source)
-    res = {"source": "PBC (../shared/data/pbc) with split.csv", "size": a.size, "cores": os.cpu_count()}
+    res = {"source": "PBC (../shared/data/pbc) with split.csv", "size": a.size, "cores": os.cpu_count(),
+           "machine": machine_info()}
     with tempfile.TemporaryDirectory() as tmp:
         for workers in (1, os.cpu_count() or 1):
             t0 = time.perf_counter()
@@ -56,7 +58,8 @@ def main() -> int:
     write_json(a.out + ".json", res)
     md = "\n".join([
         "# Data path speed", "",
-        f"Command: `python benchmarks/data_speed.py` ({res['cores']} cores, {res['images']} PBC JPEGs -> "
+        f"Command: `python benchmarks/data_speed.py` ({res['machine']['cpu']}, {res['cores']} cores, "
+        f"{res['images']} PBC JPEGs -> "
         f"{a.size}x{a.size}, {res['skipped']} skipped).", "",
         "| step | seconds |", "|---|---|",
         f"| prepare, 1 process (decode {res['decode_seconds_workers1']}s) "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -25,23 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from bloodcell.errors import BloodcellError
+from bloodcell.evaluation.machine import cpu_name
 from bloodcell.io import write_text
 from bloodcell.models import count_params_keras, create_model, get_spec, list_models
 
 ROOT = Path(__file__).resolve().parent
 SIZE, TRAIN_BATCH, INFER_BATCH = 64, 64, 256
 PRECISIONS = ("fp32", "bf16")
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def precision_context(precision: str) -> contextlib.AbstractContextManager:

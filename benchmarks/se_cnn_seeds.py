@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from bloodcell.data.store import load_dataset
 from bloodcell.evaluation.evaluate import evaluate_run
+from bloodcell.evaluation.machine import machine_info
 from bloodcell.io import read_json, write_json, write_text
 from bloodcell.training import TrainConfig, train
 
@@ -139,17 +139,20 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--runs", default="runs/bench-se-cnn")
-    p.add_argument("--phase", choices=("all", "train", "compare"), default="all")
+    p.add_argument("--phase", choices=("all", "train", "compare", "report"), default="all",
+                   help="report: only re-render the markdown from the JSON")
+    p.add_argument("--note", action="append", help="a remark printed under the results (repeatable)")
     p.add_argument("--compare-steps", type=int, default=60)
     p.add_argument("--out", default=str(ROOT / "results" / "se_cnn_64"))
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     out_json = Path(args.out + ".json")
     results = read_json(out_json) if out_json.is_file() else {}
-    results["machine"] = {"cpu_count": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
-                          "torch": torch.__version__, "python": platform.python_version()}
+    results["machine"] = machine_info()
     results["settings"] = {**RECOMMENDED, "epochs": args.epochs, "data": args.data, "size": 64,
                            "checkpoint": "best by validation accuracy"}
+    if args.note:
+        results["notes"] = results.get("notes", []) + args.note
     t0 = time.perf_counter()
     if args.phase in ("all", "train"):
         runs = run_seeds(args)
@@ -167,7 +170,8 @@ def main() -> int:
         }
     if args.phase in ("all", "compare"):
         results["pipeline_comparison"] = compare_pipelines(args)
-    results.setdefault("wall_seconds", {})[args.phase] = round(time.perf_counter() - t0, 0)
+    if args.phase != "report":
+        results.setdefault("wall_seconds", {})[args.phase] = round(time.perf_counter() - t0, 0)
     write_json(out_json, results)
     write_text(args.out + ".md", render(results))
     print(render(results))
@@ -177,8 +181,8 @@ def main() -> int:
 def render(r: dict) -> str:
     s = r.get("settings", {})
     lines = ["# SE-CNN, 64x64, real PBC split (split.csv)", "",
-             f"Command: `python benchmarks/se_cnn_seeds.py` on {r['machine']['cpu_count']} CPU threads "
-             f"({r['machine']['processor']}), torch {r['machine']['torch']}.", "",
+             f"Command: `python benchmarks/se_cnn_seeds.py` on {r['machine']['cpu']}, {r['machine']['cores']} cores, "
+             f"{r['machine']['threads']} torch threads, torch {r['machine']['torch']}.", "",
              f"Settings: {json.dumps(s)}", ""]
     if "seeds" in r:
         lines += ["| seed | test accuracy | weighted F1 | macro F1 | AUC | epoch used | first epoch s | mean epoch s |",
@@ -206,6 +210,8 @@ def render(r: dict) -> str:
                   f"The data path alone (ready float batches, no model): ours {c['data_only_ours_images_per_s']:.0f} "
                   f"images/s vs per-sample (workers=0) {c['data_only_per_sample_w0_images_per_s']:.0f} images/s: "
                   f"{c['data_only_ratio']}x.", ""]
+    if r.get("notes"):
+        lines += ["## Notes", "", *[f"- {n}" for n in r["notes"]], ""]
     return "\n".join(lines) + "\n"
 
 
