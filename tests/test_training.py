@@ -123,3 +123,15 @@ def test_train_limit_and_size_mismatch(prepared, tmp_path):
     with pytest.raises(BloodcellError, match="has 28px images, but --size is 64"):
         train(TrainConfig(**{**FAST, "size": 64}, epochs=1), tmp_path / "y", log=lambda s: None,
               data=__import__("bloodcell.data.store").data.store.load_dataset("bloodmnist", 28))
+
+
+def test_resume_keeps_the_runs_epochs_unless_asked_to_extend(prepared, tmp_path):
+    from bloodcell.cli import main
+
+    run = tmp_path / "r"
+    args = ["train", "--data", "bloodmnist", "--size", "28", "--batch-size", "32", "--threads", "1", "--out", str(run)]
+    assert main([*args, "--epochs", "2"]) == 0
+    assert main([*args, "--resume"]) == 0  # the CLI default must not stretch a finished 2-epoch run to 20
+    assert len(history(run)) == 2 and TrainConfig.load(run / "config.json").epochs == 2
+    assert main([*args, "--resume", "--epochs", "3"]) == 0
+    assert len(history(run)) == 3

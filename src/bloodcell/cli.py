@@ -156,7 +156,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         model=a.model, model_args=_parse_model_args(a.model_arg), data=a.data, size=a.size, data_dir=a.data_dir,
-        epochs=a.epochs, batch_size=a.batch_size,
+        epochs=a.epochs or 20, batch_size=a.batch_size,
         seed=a.seed, optimizer=a.optimizer, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         schedule=a.schedule, normalize=a.normalize, augment=a.augment, label_smoothing=a.label_smoothing,
         train_limit=a.train_limit, threads=a.threads, balance=a.balance,
@@ -164,7 +164,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     data_tag = Path(a.data).stem if a.data.endswith(".npz") else a.data
     out = Path(a.out) if a.out else Path("runs") / f"{a.model}_{data_tag}{a.size}_seed{a.seed}"
     try:
-        summary = train(cfg, out, resume=a.resume, progress=sys.stderr.isatty())
+        summary = train(cfg, out, resume=a.resume, progress=sys.stderr.isatty(),
+                        extend_to=a.epochs if a.resume else None)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last finished epoch is saved in {out}; continue with "
               f"'bloodcell train --resume --out {out}'", file=sys.stderr)
@@ -278,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                     help="override a model argument, e.g. bn_momentum=0.1 or dropout=0.3 (repeatable)")
     _add_data_args(tr)
-    tr.add_argument("--epochs", type=int, default=20, help="epochs (default: %(default)s)")
+    tr.add_argument("--epochs", type=int, default=None,
+                    help="epochs (default: 20; with --resume: the run's own count, or more to extend it)")
     tr.add_argument("--batch-size", type=int, default=64, help="batch size (default: %(default)s)")
     tr.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation")
     tr.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=None,

@@ -75,9 +75,10 @@ def weights_meta(cfg: TrainConfig, data: PreparedData, norm_stats: dict | None, 
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool | None = None,
-          data: PreparedData | None = None, log=print) -> dict:
+          data: PreparedData | None = None, log=print, extend_to: int | None = None) -> dict:
     """Train ``cfg`` into run folder ``out``; with ``resume`` continue from its last finished epoch.
 
+    On resume the saved config is used; ``extend_to`` may raise its epoch count.
     Returns the training summary (also written to ``metrics.json`` under "training").
     """
     out = Path(out)
@@ -87,7 +88,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         if not config_path.is_file():
             raise BloodcellError(f"{out}: no run to resume (config.json missing)")
         saved = TrainConfig.load(config_path)
-        saved.epochs = max(saved.epochs, cfg.epochs)  # a resume may extend a run, never shorten it
+        if extend_to and extend_to > saved.epochs:  # a resume may extend a run on request, never shorten it
+            saved.epochs = extend_to
         cfg = saved
     elif config_path.exists():
         raise BloodcellError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
