@@ -169,7 +169,7 @@ def test_autoclassifier_trains_in_two_stages_and_evaluates(tmp_path):
 
     # A resumed run continues stage 2 from its saved state; it does not pre-train again.
     ae_history = (run / "history_autoencoder.csv").read_bytes()
-    train(TrainConfig(**{**cfg.__dict__, "epochs": 3}), run, resume=True, log=lambda s: None)
+    train(cfg, run, resume=True, log=lambda s: None, extend_to=3)
     assert (run / "history_autoencoder.csv").read_bytes() == ae_history
     assert torch.equal(load_file(run / "last.safetensors")["encoder.features.0.weight"],
                        last["encoder.features.0.weight"])
