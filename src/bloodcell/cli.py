@@ -345,7 +345,7 @@ def _command_modules() -> list:
     """
     import importlib
 
-    names: list[str] = ["bloodcell.explain.commands"]
+    names: list[str] = ["bloodcell.explain.commands", "bloodcell.evaluation.commands"]
     return [importlib.import_module(n).add_commands for n in names]
 
 

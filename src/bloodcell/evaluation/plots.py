@@ -87,3 +87,80 @@ def history_png(history: list[dict], path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def bar_metric_png(labels: list[str], means: list[float | None], stds: list[float], paper: list[float | None],
+                   path: str | Path, title: str, metric: str) -> Path:
+    """Horizontal bars of ours (mean, std error bars) with the paper's value as a marker (Fig. 7 and 10)."""
+    y = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.38 * len(labels)))
+    ours = [np.nan if m is None else m for m in means]
+    ax.barh(y, ours, xerr=stds, color="tab:blue", alpha=0.8, label="bloodcell (mean ± std over seeds)")
+    px = [np.nan if p is None else p for p in paper]
+    if not np.all(np.isnan(px)):
+        ax.plot(px, y, "D", color="tab:red", label="paper")
+    finite = [v for v in ours + px if not np.isnan(v)]
+    lo = min(finite) if finite else 0.0
+    ax.set_xlim(max(0.0, lo - 0.05), 1.0)
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set_xlabel(metric)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
+def metric_vs_cost_png(labels: list[str], values: list[float | None], seconds: list[float | None],
+                       size_mb: list[float | None], path: str | Path, metric: str) -> Path:
+    """A metric against total training time and against model size, log x (Fig. 8 and 11)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, cost, xlabel in ((axes[0], seconds, "total training time (s, this CPU)"),
+                             (axes[1], size_mb, "model size (MB, safetensors)")):
+        for lab, v, c in zip(labels, values, cost):
+            if v is None or not c:
+                continue
+            ax.scatter(c, v)
+            ax.annotate(lab, (c, v), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def curves_png(histories: dict[str, list[dict]], path: str | Path, keys: tuple[str, ...], title: str,
+               panels: bool = False, columns: int = 4) -> Path:
+    """History curves: all labels on one axis per key, or (``panels``) one accuracy and one loss panel per label."""
+    items = [(lab, h) for lab, h in histories.items() if h]
+    if not panels:
+        fig, axes = plt.subplots(1, len(keys), figsize=(7 * len(keys), 4.5), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            for lab, h in items:
+                ax.plot([r["epoch"] for r in h], [r[key] for r in h], marker=".", label=lab)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(key.replace("_", " "))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+    else:
+        n = max(1, len(items))
+        cols = min(columns, n)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(2 * rows, cols, figsize=(4 * cols, 5.6 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for k, (lab, h) in enumerate(items):
+            r, c = divmod(k, cols)
+            ep = [x["epoch"] for x in h]
+            for ax, kind in ((axes[2 * r][c], "acc"), (axes[2 * r + 1][c], "loss")):
+                ax.axis("on")
+                for key in keys:
+                    if key.endswith(kind):
+                        ax.plot(ep, [x[key] for x in h], marker=".", label=key.split("_")[0])
+                ax.set_title(f"{lab}: {'accuracy' if kind == 'acc' else 'loss'}", fontsize=9)
+                ax.set_xlabel("epoch", fontsize=8)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -8,6 +8,7 @@ import numpy as np
 
 from bloodcell.data.images import ImageDecodeError, list_image_files
 from bloodcell.errors import BloodcellError
+from bloodcell.evaluation.benchmark import run_label
 from bloodcell.explain.common import limit_indices, load_run_split, pick_per_class
 from bloodcell.explain.figures import heatmap_grid_png, overlay_png, per_class_bar_png
 from bloodcell.explain.gradcam import GradCam, measure
@@ -41,18 +42,25 @@ def explain_files(run_dir: str | Path, paths: list[str], layer: str | None = Non
 
 
 def grid(run_dirs: list[str | Path], split: str = "test", per_class: int = 4, layer: str | None = None,
-         out: str | Path | None = None, checkpoint: str = "best", seed: int = 0) -> Path:
-    """Test images per class with each run's heatmap side by side (the first run's dataset)."""
-    cams = [GradCam(Predictor(r, checkpoint), layer if k == 0 else None) for k, r in enumerate(run_dirs)]
+         out: str | Path | None = None, checkpoint: str | list[str] = "best", seed: int = 0,
+         labels: list[str] | None = None) -> Path:
+    """Test images per class with each run's heatmap side by side (the first run's dataset).
+
+    ``checkpoint`` is one for all runs or one per run (suite runs are tested on their last epoch); ``labels`` name
+    the columns (default: the run folder, or ENTRY for ENTRY/seedN folders)."""
+    ckpts = [checkpoint] * len(run_dirs) if isinstance(checkpoint, str) else list(checkpoint)
+    if len(ckpts) != len(run_dirs):
+        raise BloodcellError("give one checkpoint, or one per run")
+    cams = [GradCam(Predictor(r, c), layer if k == 0 else None) for k, (r, c) in enumerate(zip(run_dirs, ckpts))]
     d = load_run_split(run_dirs[0], split, cams[0].predictor.class_names)
     idx = pick_per_class(d.labels, per_class, seed)
     images, labels = d.images[idx], d.labels[idx]
     maps, captions = {}, {}
-    for r, gc in zip(run_dirs, cams):
+    for k, (r, gc) in enumerate(zip(run_dirs, cams)):
         if gc.predictor.class_names != d.class_names or gc.size != images.shape[1]:
             raise BloodcellError(f"{r}: its classes or input size differ from {run_dirs[0]}'s; cannot compare")
         m, probs = gc.maps(images)
-        key = _unique_name(Path(r).name, maps)
+        key = _unique_name(labels[k] if labels else run_label(Path(r)), maps)
         maps[key] = m
         captions[key] = [f"{d.class_names[p]} {probs[i, p]:.2f}" for i, p in enumerate(probs.argmax(1))]
     out = Path(out) if out else Path(run_dirs[0]) / "explain"

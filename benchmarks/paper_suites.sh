@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The paper's experiments on the real 64x64 PBC split, in the order this project ran them (cheapest and most
+# informative first). Every step is resumable: re-running the script skips finished runs and resumes an
+# interrupted one, so it can be run in pieces across sessions. After each step the reports (not the weights)
+# are copied to benchmarks/results/paper/.
+#
+# Usage: bash benchmarks/paper_suites.sh [STEP...]     (default: all steps; e.g. "bash ... 1 2")
+# Needs: .venv (make venv) and the prepared dataset:
+#   bloodcell data prepare --source ../shared/data/pbc --split-file ../shared/data/pbc/split.csv --name pbc
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+source .venv/bin/activate
+B="bloodcell benchmark"
+D="--data pbc --out runs/benchmarks"
+steps=(
+  ""                                                                      # 0 unused
+  "$B paper-table2 $D --models cnn-t2-5"                                  # 1 the best Table 2 CNN first
+  "$B paper-oversampling $D"                                              # 2 its oversampling study
+  "$B paper-table2 $D"                                                    # 3 the other 12 ablations
+  "$B paper-table3 $D --models se-cnn,cbam-cnn,sa-cnn,vgg,autoclassifier" # 4 the cheap Table 3 models
+  "$B paper-table3 $D --models se-cnn,cbam-cnn --seeds 0,1,2"             # 5 three seeds, CNN attention
+  "$B paper-table3 $D --models se-vgg15,cbam-vgg15,sa-vgg15"              # 6 VGG15 attention, seed 0
+  "$B paper-table3 $D --models resnet34,resnet34-sound"                   # 7 ResNet34 at paper and sound settings
+  "$B paper-table3 $D --models se-vgg15,cbam-vgg15 --seeds 0,1,2"         # 8 three seeds, VGG15 attention
+  "$B paper-table3 $D --models cnn,inception,inception-sound"             # 9 ~45 min/epoch each: many hours
+)
+todo=("$@")
+[ ${#todo[@]} -eq 0 ] && todo=($(seq 1 $((${#steps[@]} - 1))))
+for k in "${todo[@]}"; do
+  echo "== step $k: ${steps[$k]}  ($(date -u +%FT%TZ))"
+  ${steps[$k]}
+  python benchmarks/sync_paper_results.py
+done

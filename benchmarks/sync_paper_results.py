@@ -1,0 +1,43 @@
+"""Copy what a suite's report needs (not the weights) from the run folders into benchmarks/results/paper/.
+
+Usage: python benchmarks/sync_paper_results.py [RUNS_ROOT] [DEST]
+       (defaults: runs/benchmarks, benchmarks/results/paper)
+
+The copies are valid run folders for reporting: `bloodcell benchmark SUITE --report-only --out DEST` and
+`bloodcell benchmark compare DEST/...` rebuild the tables and figures from them alone.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+RUN_FILES = ("config.json", "metrics.json", "history.csv", "confusion_test.csv")
+SUITE_SUFFIXES = (".md", ".csv", ".json", ".png")
+
+
+def sync(src: Path, dest: Path) -> int:
+    n = 0
+    for suite in sorted(p for p in src.iterdir() if p.is_dir()):
+        for f in suite.iterdir():
+            if f.is_file() and f.suffix in SUITE_SUFFIXES:
+                (dest / suite.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dest / suite.name / f.name)
+                n += 1
+        for run in sorted(suite.glob("*/seed*")):
+            if not (run / "metrics.json").is_file():
+                continue
+            target = dest / suite.name / run.relative_to(suite)
+            target.mkdir(parents=True, exist_ok=True)
+            for name in RUN_FILES:
+                if (run / name).is_file():
+                    shutil.copy2(run / name, target / name)
+                    n += 1
+    return n
+
+
+if __name__ == "__main__":
+    src = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/benchmarks")
+    dest = Path(sys.argv[2] if len(sys.argv) > 2 else "benchmarks/results/paper")
+    print(f"copied {sync(src, dest)} files from {src} to {dest}")

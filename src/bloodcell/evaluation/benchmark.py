@@ -1,0 +1,373 @@
+"""Suites of runs: train them resumably, then gather any set of finished run folders into one table and figures.
+
+``run_suite`` trains each (entry, seed) into ``OUT/SUITE/ENTRY/seedN`` unless it is finished, resumes it if it
+was interrupted, and tests the entry's checkpoint. ``compare`` and the suite report share one writer, so a table
+made from a suite and one made from hand-picked run folders look the same.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bloodcell.errors import BloodcellError
+from bloodcell.evaluation.evaluate import evaluate_run
+from bloodcell.io import csv_text, read_json, write_json, write_text
+from bloodcell.training.config import TrainConfig
+
+# Config fields that do not change a result, so a suite may be resumed with other values.
+NEUTRAL_FIELDS = ("threads", "data_dir")
+METRICS = ("accuracy", "f1_weighted", "precision_weighted", "recall_weighted", "f1_macro", "auc_ovr_macro",
+           "first_epoch_seconds", "mean_epoch_seconds", "total_seconds", "model_size_mb", "infer_images_per_s")
+PAPER_COMPARED = ("accuracy", "f1_weighted")
+FLAG_POINTS = 1.5  # differences from the paper larger than this many points are called out
+
+
+# ---------------------------------------------------------------- running a suite
+def entry_config(config: dict, seed: int, data: str, size: int, data_dir: str | None, epochs: int | None,
+                 threads: int | None) -> TrainConfig:
+    d = dict(config, seed=seed, data=data, size=size, data_dir=data_dir, threads=threads)
+    if epochs:
+        d["epochs"] = epochs
+    return TrainConfig(**d).validate()
+
+
+def config_differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
+    a, b = saved.to_dict(), wanted.to_dict()
+    return [f"{k} {a[k]!r} vs {b[k]!r}" for k in a if k not in NEUTRAL_FIELDS and a[k] != b[k]]
+
+
+def run_state(run: Path, cfg: TrainConfig, checkpoint: str) -> str:
+    """``new``, ``resume`` (interrupted), ``evaluate`` (trained, not tested) or ``done``."""
+    if not (run / "config.json").is_file():
+        return "new"
+    diff = config_differences(TrainConfig.load(run / "config.json"), cfg)
+    if diff:
+        raise BloodcellError(f"{run}: holds a run with other settings ({'; '.join(diff)}); "
+                             "choose another --out or remove that folder")
+    metrics = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
+    if metrics.get("training", {}).get("epochs") != cfg.epochs:
+        return "resume"
+    return "done" if metrics.get("test", {}).get("checkpoint") == checkpoint else "evaluate"
+
+
+def run_suite(suite_name: str, seeds: list[int], out: str | Path, data: str = "bloodmnist", size: int = 64,
+              data_dir: str | None = None, epochs: int | None = None, models: list[str] | None = None,
+              threads: int | None = None, plan_only: bool = False, log=print) -> dict:
+    """Train and test every selected entry for every seed, skipping finished runs; then write the report."""
+    from bloodcell.data.store import load_dataset
+    from bloodcell.evaluation.suites import get_suite
+    from bloodcell.training.loop import train
+
+    suite = get_suite(suite_name)
+    root = Path(out) / suite.name
+    jobs = []
+    for entry in suite.select(models):
+        for seed in seeds:
+            run = root / entry.name / f"seed{seed}"
+            cfg = entry_config(entry.config, seed, data, size, data_dir, epochs, threads)
+            jobs.append((entry, run, cfg, run_state(run, cfg, entry.checkpoint)))
+    for _, run, cfg, state in jobs:
+        log(f"{state:<9}{run}  ({cfg.model}, {cfg.epochs} epochs, {cfg.schedule} schedule, balance {cfg.balance})")
+    if plan_only:
+        return {"root": str(root), "jobs": [(str(r), s) for _, r, _, s in jobs]}
+    dataset = None
+    for k, (entry, run, cfg, state) in enumerate(jobs, start=1):
+        if state == "new" and (twin := finished_twin(Path(out), run, cfg, entry.checkpoint)):
+            log(f"[{k}/{len(jobs)}] {run}: same settings as the finished {twin}; copying it instead of training")
+            shutil.copytree(twin, run)
+            continue
+        if state == "done":
+            continue
+        if dataset is None:
+            dataset = load_dataset(data, size, data_dir)
+        log(f"[{k}/{len(jobs)}] {run}: {'resuming' if state == 'resume' else state}")
+        t0 = time.perf_counter()
+        if state in ("new", "resume"):
+            train(cfg, run, resume=state == "resume", progress=False, data=dataset, log=log)
+        m = evaluate_run(run, "test", entry.checkpoint)
+        log(f"[{k}/{len(jobs)}] {run}: test accuracy {m['accuracy']:.4f}, weighted F1 {m['f1_weighted']:.4f} "
+            f"({time.perf_counter() - t0:.0f}s)")
+    return suite_report(suite_name, out)
+
+
+def finished_twin(out: Path, run: Path, cfg: TrainConfig, checkpoint: str) -> Path | None:
+    """A finished run under ``out`` with exactly these settings (e.g. Table 2 row 5 = the oversampling baseline)."""
+    for other in sorted(out.glob("*/*/seed*/config.json")):
+        other = other.parent
+        if other == run or config_differences(TrainConfig.load(other / "config.json"), cfg):
+            continue
+        if run_state(other, cfg, checkpoint) == "done":
+            return other
+    return None
+
+
+# ---------------------------------------------------------------- gathering results
+def run_row(run: Path) -> dict:
+    """One finished run's figures, from its folder alone."""
+    cfg = TrainConfig.load(run / "config.json")
+    m = read_json(run / "metrics.json")
+    test, tr = m["test"], m.get("training", {})
+    row = {"run": str(run), "model": cfg.model, "seed": cfg.seed, "epochs": tr.get("epochs"),
+           "checkpoint": test.get("checkpoint"), "params_keras": test.get("params_keras"),
+           "infer_images_per_s": test.get("cpu", {}).get("throughput_images_per_s")}
+    row.update({k: test.get(k) for k in METRICS if k in test})
+    row.update({k: tr.get(k) for k in ("first_epoch_seconds", "mean_epoch_seconds", "total_seconds")})
+    row["settings"] = settings_text(cfg, test.get("checkpoint"))
+    row["history"] = read_history(run / "history.csv")
+    return row
+
+
+def settings_text(cfg: TrainConfig, checkpoint: str | None) -> str:
+    opt = cfg.optimizer or _default_optimizer(cfg.model)
+    parts = [f"{cfg.epochs} ep", f"{opt} {cfg.lr:g}", cfg.schedule]
+    if cfg.momentum:
+        parts.append(f"momentum {cfg.momentum:g}")
+    if cfg.augment != "none":
+        parts.append(f"aug {cfg.augment}")
+    if cfg.balance != "none":
+        parts.append(f"balance {cfg.balance}")
+    if cfg.model_args:
+        parts.append(" ".join(f"{k}={v}" for k, v in sorted(cfg.model_args.items())))
+    parts.append(f"{checkpoint} ckpt")
+    return ", ".join(parts)
+
+
+def _default_optimizer(model: str) -> str:
+    from bloodcell.models.registry import get_spec
+
+    try:
+        return get_spec(model).optimizer
+    except BloodcellError:
+        return "?"
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def find_runs(dirs: list[str | Path]) -> list[Path]:
+    """Run folders in ``dirs``: each dir that is a run, else every run below it."""
+    runs: list[Path] = []
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise BloodcellError(f"{d}: folder not found")
+        found = [d] if (d / "config.json").is_file() else sorted(p.parent for p in d.rglob("config.json"))
+        if not found:
+            raise BloodcellError(f"{d}: no run folders (config.json) in it")
+        runs += [r for r in found if r not in runs]
+    return runs
+
+
+def run_label(run: Path) -> str:
+    """``ENTRY`` for ``.../ENTRY/seedN`` folders, else the folder's own name."""
+    return run.parent.name if re.fullmatch(r"seed\d+", run.name) else run.name
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """Mean and sample std (ddof 1; None for a single seed) of every metric over the rows."""
+    out = {}
+    for k in METRICS:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = (float(np.mean(vals)) if vals else None,
+                  float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+    return out
+
+
+def group_rows(rows: list[dict], labels: list[str]) -> list[dict]:
+    """Rows grouped by label, in first-seen order, each with its aggregate."""
+    from bloodcell.evaluation.suites import paper_numbers
+
+    groups: dict[str, dict] = {}
+    for label, row in zip(labels, rows):
+        g = groups.setdefault(label, {"label": label, "runs": []})
+        g["runs"].append(row)
+    for g in groups.values():
+        g["runs"].sort(key=lambda r: r["seed"])
+        models = {r["model"] for r in g["runs"]}
+        g["model"] = models.pop() if len(models) == 1 else "mixed"
+        g.setdefault("paper", paper_numbers(g["model"]) if g["model"] != "mixed" else {})
+        g["stats"] = aggregate(g["runs"])
+    return list(groups.values())
+
+
+# ---------------------------------------------------------------- writing the table and figures
+def _fmt(mean: float | None, std: float | None, digits: int = 4) -> str:
+    if mean is None:
+        return ""
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _delta_points(ours: float | None, paper: float | None) -> float | None:
+    return None if ours is None or paper is None else 100 * (ours - paper)
+
+
+def results_csv(groups: list[dict]) -> str:
+    header = ["label", "model", "seeds", "params_keras", "settings"]
+    header += [f"{k}_{s}" for k in METRICS for s in ("mean", "std")]
+    header += [f"paper_{k}" for k in (*PAPER_COMPARED, "precision_weighted", "recall_weighted", "first_epoch_seconds")]
+    header += [f"diff_points_{k}" for k in PAPER_COMPARED]
+    rows = []
+    for g in groups:
+        r0 = g["runs"][0]
+        row = [g["label"], g["model"], " ".join(str(r["seed"]) for r in g["runs"]), r0["params_keras"],
+               r0["settings"]]
+        for k in METRICS:
+            row += [("" if v is None else round(v, 6)) for v in g["stats"][k]]
+        row += [g["paper"].get(k, "") for k in (*PAPER_COMPARED, "precision_weighted", "recall_weighted",
+                                                "first_epoch_seconds")]
+        for k in PAPER_COMPARED:
+            d = _delta_points(g["stats"][k][0], g["paper"].get(k))
+            row.append("" if d is None else round(d, 2))
+        rows.append(row)
+    return csv_text(header, rows)
+
+
+def runs_csv(groups: list[dict]) -> str:
+    header = ["label", "run", "model", "seed", "epochs", "checkpoint", "params_keras", *METRICS]
+    rows = [[g["label"], *(r.get(k) for k in header[1:])] for g in groups for r in g["runs"]]
+    return csv_text(header, rows)
+
+
+def results_markdown(groups: list[dict], title: str, description: str, paper_source: str,
+                     reproduce: str, figures: list[str]) -> str:
+    from bloodcell.evaluation.machine import machine_info
+
+    mi = machine_info()
+    lines = [f"# {title}", "", description, "",
+             f"Machine: {mi.get('cpu', '?')}, {mi.get('threads', '?')} threads, torch {mi.get('torch', '?')}; "
+             f"times are wall-clock seconds on this CPU. Paper: {paper_source}. Δ = ours − paper in points "
+             f"(1 point = 0.01); |Δ| > {FLAG_POINTS} is marked **bold**. ± is the sample std over seeds.", "",
+             f"Reproduce: `{reproduce}`", ""]
+    header = ["entry", "model", "seeds", "params", "accuracy", "paper", "Δ", "weighted F1", "paper", "Δ",
+              "w. precision", "w. recall", "macro F1", "AUC", "1st epoch s", "mean epoch s", "size MB", "CPU img/s"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    flagged = []
+    for g in groups:
+        s, p = g["stats"], g["paper"]
+        cells = [g["label"], g["model"], str(len(g["runs"])), f"{g['runs'][0]['params_keras']:,}"]
+        for k in PAPER_COMPARED:
+            d = _delta_points(s[k][0], p.get(k))
+            dtext = "" if d is None else f"{d:+.2f}"
+            if d is not None and abs(d) > FLAG_POINTS:
+                dtext = f"**{dtext}**"
+                flagged.append(g)
+            cells += [_fmt(*s[k]), "" if k not in p else f"{p[k]:g}", dtext]
+        cells += [_fmt(*s[k]) for k in ("precision_weighted", "recall_weighted", "f1_macro", "auc_ovr_macro")]
+        cells += [_fmt(*s["first_epoch_seconds"], 1), _fmt(*s["mean_epoch_seconds"], 1),
+                  _fmt(s["model_size_mb"][0], None, 2), _fmt(s["infer_images_per_s"][0], None, 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Settings per entry (from each run's config.json; ckpt = the checkpoint tested):", ""]
+    lines += ["| entry | settings | paper 1st epoch s (T4) | note |", "|---|---|---|---|"]
+    for g in groups:
+        t = g["paper"].get("first_epoch_seconds", "")
+        lines.append(f"| {g['label']} | {g['runs'][0]['settings']} | {t} | {g.get('note', '')} |")
+    seen = []
+    for g in flagged:
+        if g["label"] not in seen:
+            seen.append(g["label"])
+    if seen:
+        lines += ["", f"Differing from the paper by more than {FLAG_POINTS} points: {', '.join(seen)}. "
+                  "See the notes beside this file for what is known about why."]
+    if figures:
+        lines += ["", "Figures: " + ", ".join(f"[{f}]({f})" for f in figures)]
+    lines += ["", "Per-run figures: `runs.csv`; per-run folders hold config.json, history.csv, metrics.json, "
+              "weights and the confusion matrix.", ""]
+    return "\n".join(lines)
+
+
+def write_report(groups: list[dict], out: str | Path, title: str, description: str, paper_source: str,
+                 reproduce: str) -> dict:
+    from bloodcell.evaluation import plots
+
+    out = Path(out)
+    if not groups:
+        raise BloodcellError(f"{out}: no finished runs to report")
+    labels = [g["label"] for g in groups]
+    f1 = [g["stats"]["f1_weighted"] for g in groups]
+    figures = [
+        plots.bar_metric_png(labels, [m for m, _ in f1], [s or 0 for _, s in f1],
+                             [g["paper"].get("f1_weighted") for g in groups], out / "f1_per_model.png",
+                             f"{title}: weighted F1 on test", "weighted F1"),
+        plots.metric_vs_cost_png(labels, [m for m, _ in f1], [g["stats"]["total_seconds"][0] for g in groups],
+                                 [g["stats"]["model_size_mb"][0] for g in groups], out / "f1_vs_time_size.png",
+                                 "weighted F1"),
+        plots.curves_png({g["label"]: g["runs"][0]["history"] for g in groups}, out / "val_acc_per_epoch.png",
+                         ("val_acc",), "validation accuracy per epoch (lowest seed)"),
+        plots.curves_png({g["label"]: g["runs"][0]["history"] for g in groups}, out / "training_curves.png",
+                         ("train_acc", "val_acc", "train_loss", "val_loss"),
+                         "training and validation curves (lowest seed)", panels=True),
+    ]
+    names = [f.name for f in figures]
+    write_text(out / "results.csv", results_csv(groups))
+    write_text(out / "runs.csv", runs_csv(groups))
+    md = results_markdown(groups, title, description, paper_source, reproduce, names)
+    write_text(out / "RESULTS.md", md)
+    summary = [{"label": g["label"], "model": g["model"], "seeds": [r["seed"] for r in g["runs"]],
+                "stats": g["stats"], "paper": g["paper"]} for g in groups]
+    write_json(out / "results.json", summary)
+    return {"out": str(out), "groups": groups, "markdown": md,
+            "files": [str(out / n) for n in ("RESULTS.md", "results.csv", "runs.csv", *names)]}
+
+
+def suite_report(suite_name: str, out: str | Path) -> dict:
+    """The report of every finished run of a suite under ``out``, in the suite's order."""
+    from bloodcell.evaluation.suites import get_suite
+
+    suite = get_suite(suite_name)
+    root = Path(out) / suite.name
+    rows, labels, entries = [], [], {}
+    seeds, data, sizes, epoch_overrides = set(), set(), set(), set()
+    for entry in suite.entries:
+        d = root / entry.name
+        for run in sorted(d.glob("seed*"), key=lambda p: p.name) if d.is_dir() else []:
+            m = run / "metrics.json"
+            if m.is_file() and read_json(m).get("test", {}).get("checkpoint") == entry.checkpoint:
+                cfg = TrainConfig.load(run / "config.json")
+                rows.append(run_row(run))
+                labels.append(entry.name)
+                seeds.add(cfg.seed)
+                data.add(cfg.data)
+                sizes.add(cfg.size)
+                if cfg.epochs != entry.config["epochs"]:
+                    epoch_overrides.add(cfg.epochs)
+        entries[entry.name] = entry
+    groups = group_rows(rows, labels)
+    for g in groups:
+        g["paper"], g["note"] = entries[g["label"]].paper, entries[g["label"]].note
+    reproduce = (f"bloodcell benchmark {suite.name} --data {','.join(sorted(data))} "
+                 f"--seeds {','.join(map(str, sorted(seeds)))}"
+                 + "".join(f" --size {s}" for s in sorted(sizes) if s != 64)
+                 + "".join(f" --epochs {e}" for e in sorted(epoch_overrides)) + f" --out {out}")
+    return write_report(groups, root, suite.title, suite.description, suite.paper_source, reproduce)
+
+
+def compare(dirs: list[str | Path], out: str | Path, checkpoint: str = "best", log=print) -> dict:
+    """One table and the figures from any finished run folders; runs never tested are tested on ``checkpoint``."""
+    runs = find_runs(dirs)
+    rows, labels = [], []
+    for run in runs:
+        m = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
+        if "training" not in m:
+            log(f"skipping {run}: training not finished")
+            continue
+        if "test" not in m:
+            log(f"testing {run} ({checkpoint} checkpoint)")
+            evaluate_run(run, "test", checkpoint)
+        rows.append(run_row(run))
+        labels.append(run_label(run))
+    if not rows:
+        raise BloodcellError("no finished runs among " + ", ".join(map(str, dirs)))
+    groups = group_rows(rows, labels)
+    reproduce = "bloodcell benchmark compare " + " ".join(map(str, dirs)) + f" --out {out}"
+    return write_report(groups, out, "Comparison of runs", f"{len(rows)} runs from {', '.join(map(str, dirs))}.",
+                        "paper-facts.md Tables 2 and 3, by model name (the paper's settings may differ from a "
+                        "run's)", reproduce)

@@ -1,0 +1,192 @@
+"""The suite runner on tiny synthetic data: skip, resume, seed aggregation, the table and figure writers, compare."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import synthetic_arrays
+
+from bloodcell.cli import main
+from bloodcell.data.sources import prepare_from_npz
+from bloodcell.errors import BloodcellError
+from bloodcell.evaluation import benchmark, suites
+from bloodcell.models import create_model, list_models
+from bloodcell.training import TrainConfig, train
+
+FAST = dict(data="tiny", size=28, epochs=2, threads=1)
+QUIET = dict(log=lambda s: None)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Imbalanced 8-class data at 28x28: class c has 11 + c training images."""
+    arrays = synthetic_arrays({"train": 10, "val": 3, "test": 3}, size=28)
+    keep = np.concatenate([np.flatnonzero(arrays["train_labels"][:, 0] == c)[: 3 + c] for c in range(8)])
+    extra = synthetic_arrays({"train": 8}, size=28, seed=1)
+    arrays["train_images"] = np.concatenate([arrays["train_images"][keep], extra["train_images"]])
+    arrays["train_labels"] = np.concatenate([arrays["train_labels"][keep], extra["train_labels"]])
+    path = tmp_path / "tiny.npz"
+    np.savez(path, **arrays)
+    prepare_from_npz(path, name="tiny", size=28)
+    return "tiny"
+
+
+def table(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_suite_entry_is_a_valid_run_of_a_registered_model():
+    for suite in suites.SUITES.values():
+        assert len({e.name for e in suite.entries}) == len(suite.entries)
+        for e in suite.entries:
+            assert e.config["model"] in {s.name for s in list_models()}
+            TrainConfig(**e.config).validate()
+    assert len(suites.get_suite("paper-table2").entries) == 13
+    t3 = suites.get_suite("paper-table3")
+    assert [e.name for e in t3.entries][:11] == list(suites.TABLE3_ORDER)
+    assert t3.select(["se-cnn"])[0].paper == {"accuracy": 0.9792, "f1_weighted": 0.9819, "precision_weighted": 0.9819,
+                                              "recall_weighted": 0.9819, "first_epoch_seconds": 21}
+    assert suites.paper_numbers("cnn-t2-5") == {"accuracy": 0.95, "f1_weighted": 0.95}
+    assert suites.paper_numbers("cnn-t2-9") == {"accuracy": 0.90, "f1_weighted": 0.91}
+    # the paper's settings: compounding schedule, no augmentation, last epoch tested, SGD for ResNet via the registry
+    resnet = t3.select(["resnet34"])[0]
+    assert resnet.config["schedule"] == "paper" and resnet.checkpoint == "last" and "optimizer" not in resnet.config
+    assert t3.select(["resnet34-sound"])[0].config["optimizer"] == "adam"
+    with pytest.raises(BloodcellError, match="no entry nope"):
+        t3.select(["nope"])
+    with pytest.raises(BloodcellError, match="unknown suite"):
+        suites.get_suite("paper-table9")
+
+
+def test_suite_runs_skips_finished_runs_and_reports(tiny, tmp_path):
+    out = tmp_path / "bench"
+    r = benchmark.run_suite("paper-table2", [0, 1], out, models=["cnn-t2-2", "cnn-t2-5"], **FAST, **QUIET)
+    root = out / "paper-table2"
+    for name in ("RESULTS.md", "results.csv", "runs.csv", "results.json", "f1_per_model.png",
+                 "f1_vs_time_size.png", "val_acc_per_epoch.png", "training_curves.png"):
+        assert (root / name).stat().st_size > 0, name
+    assert [g["label"] for g in r["groups"]] == ["cnn-t2-2", "cnn-t2-5"]
+    for entry in ("cnn-t2-2", "cnn-t2-5"):
+        for seed in (0, 1):
+            m = json.loads((root / entry / f"seed{seed}" / "metrics.json").read_text())
+            assert m["test"]["checkpoint"] == "last" and m["training"]["epochs"] == 2
+    weights = root / "cnn-t2-2" / "seed0" / "last.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    lines = []
+    benchmark.run_suite("paper-table2", [0, 1], out, models=["cnn-t2-2", "cnn-t2-5"], **FAST, log=lines.append)
+    assert weights.stat().st_mtime_ns == stamp  # nothing retrained
+    assert not any("new" in x or "resuming" in x for x in lines if x.startswith("["))
+    assert all(x.startswith("done") for x in lines[:4])
+    # a different setting in the same folder is refused, not silently mixed
+    with pytest.raises(BloodcellError, match="other settings.*epochs 2 vs 3"):
+        benchmark.run_suite("paper-table2", [0], out, models=["cnn-t2-2"], **{**FAST, "epochs": 3}, **QUIET)
+
+
+def test_interrupted_suite_run_resumes_to_the_uninterrupted_result(tiny, tmp_path):
+    out = tmp_path / "bench"
+    cfg = benchmark.entry_config(suites.get_suite("paper-table2").select(["cnn-t2-1"])[0].config, 0, "tiny", 28,
+                                 None, 2, 1)
+    run = out / "paper-table2" / "cnn-t2-1" / "seed0"
+
+    def stop_after_first_epoch(line):
+        if line.startswith("epoch   1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, log=stop_after_first_epoch)
+    assert benchmark.run_state(run, cfg, "last") == "resume"
+    benchmark.run_suite("paper-table2", [0], out, models=["cnn-t2-1"], **FAST, **QUIET)
+    resumed = table(run / "history.csv")
+    train(cfg, tmp_path / "straight", **QUIET)
+    straight = table(tmp_path / "straight" / "history.csv")
+    assert len(resumed) == 2
+    for a, b in zip(resumed, straight):
+        assert a["train_loss"] == b["train_loss"] and a["val_acc"] == b["val_acc"]
+    assert benchmark.run_state(run, cfg, "last") == "done"
+
+
+def test_oversampling_suite_balances_training_only_and_reuses_the_identical_table2_run(tiny, tmp_path):
+    out = tmp_path / "bench"
+    benchmark.run_suite("paper-table2", [0], out, models=["cnn-t2-5"], **FAST, **QUIET)
+    lines = []
+    r = benchmark.run_suite("paper-oversampling", [0], out, **FAST, log=lines.append)
+    assert any("same settings as the finished" in x and "cnn-t2-5" in x for x in lines)
+    root = out / "paper-oversampling"
+    counts = {e: json.loads((root / e / "seed0" / "metrics.json").read_text())["training"]["train_class_counts"]
+              for e in ("as-is", "augment", "smote", "class-weight")}
+    assert counts["as-is"] == counts["class-weight"] == [11 + c for c in range(8)]
+    assert counts["augment"] == counts["smote"] == [18] * 8
+    for e in counts:  # validation and test are never resampled
+        assert json.loads((root / e / "seed0" / "metrics.json").read_text())["test"]["n"] == 24
+    rows = table(root / "results.csv")
+    assert [x["label"] for x in rows] == ["as-is", "augment", "smote", "class-weight"]
+    assert rows[0]["paper_f1_weighted"] == "0.9643" and rows[2]["paper_f1_weighted"] == ""
+    assert [g["label"] for g in r["groups"]] == [x["label"] for x in rows]
+
+
+def fake_row(seed, acc, f1, model="se-cnn"):
+    return {"run": f"r{seed}", "model": model, "seed": seed, "epochs": 2, "checkpoint": "last",
+            "params_keras": 466632, "accuracy": acc, "f1_weighted": f1, "precision_weighted": f1,
+            "recall_weighted": acc, "f1_macro": f1, "auc_ovr_macro": 0.99, "first_epoch_seconds": 10.0 + seed,
+            "mean_epoch_seconds": 9.0, "total_seconds": 18.0, "model_size_mb": 1.9, "infer_images_per_s": 400.0,
+            "settings": "2 ep", "history": [{"epoch": 1, "train_acc": 0.5, "val_acc": 0.4, "train_loss": 1.0,
+                                              "val_loss": 1.2}, {"epoch": 2, "train_acc": 0.8, "val_acc": 0.7,
+                                                                 "train_loss": 0.5, "val_loss": 0.7}]}
+
+
+def test_seed_aggregation_and_the_table_writers(tmp_path):
+    rows = [fake_row(0, 0.98, 0.97), fake_row(1, 0.96, 0.95), fake_row(2, 0.97, 0.96), fake_row(0, 0.90, 0.80, "vgg")]
+    groups = benchmark.group_rows(rows, ["se-cnn"] * 3 + ["vgg"])
+    acc_mean, acc_std = groups[0]["stats"]["accuracy"]
+    assert acc_mean == pytest.approx(0.97) and acc_std == pytest.approx(np.std([0.98, 0.96, 0.97], ddof=1))
+    assert groups[1]["stats"]["accuracy"] == (pytest.approx(0.90), None)  # one seed: no spread
+    assert groups[1]["paper"]["accuracy"] == 0.9377  # Table 3 looked up by model name
+    r = benchmark.write_report(groups, tmp_path / "rep", "T", "D", "P", "bloodcell benchmark x")
+    md = (tmp_path / "rep" / "RESULTS.md").read_text()
+    assert "| se-cnn | se-cnn | 3 | 466,632 | 0.9700 ± 0.0100 | 0.9792 | -0.92 |" in md
+    assert "**-3.77**" in md and "**-13.36**" in md  # vgg: 0.90 vs 0.9377 and 0.80 vs 0.9336 are flagged
+    assert "Differing from the paper by more than 1.5 points: se-cnn, vgg" in md  # se-cnn F1 0.96 vs 0.9819
+    csv_rows = table(tmp_path / "rep" / "results.csv")
+    assert csv_rows[0]["seeds"] == "0 1 2" and float(csv_rows[0]["diff_points_accuracy"]) == pytest.approx(-0.92)
+    assert float(csv_rows[1]["accuracy_mean"]) == pytest.approx(0.9) and csv_rows[1]["accuracy_std"] == ""
+    assert len(table(tmp_path / "rep" / "runs.csv")) == 4
+    assert all(p.endswith(".png") and (tmp_path / "rep" / p.rsplit("/", 1)[-1]).stat().st_size > 5000
+               for p in r["files"][3:])
+    with pytest.raises(BloodcellError, match="no finished runs"):
+        benchmark.write_report([], tmp_path / "empty", "T", "D", "P", "x")
+
+
+def test_compare_groups_seed_folders_and_tests_untested_runs(tiny, tmp_path):
+    for seed in (0, 1):
+        train(TrainConfig(model="cnn-t2-2", seed=seed, **FAST), tmp_path / "mine" / "small" / f"seed{seed}", **QUIET)
+    train(TrainConfig(model="cnn-t2-1", **FAST), tmp_path / "other", **QUIET)
+    r = benchmark.compare([tmp_path / "mine", tmp_path / "other"], tmp_path / "cmp", "best", **QUIET)
+    assert [(g["label"], len(g["runs"])) for g in r["groups"]] == [("small", 2), ("other", 1)]
+    assert json.loads((tmp_path / "other" / "metrics.json").read_text())["test"]["checkpoint"] == "best"
+    assert (tmp_path / "cmp" / "RESULTS.md").is_file()
+    with pytest.raises(BloodcellError, match="no run folders"):
+        benchmark.compare([tmp_path / "cmp"], tmp_path / "cmp2", **QUIET)
+
+
+def test_benchmark_cli(tiny, tmp_path, capsys):
+    out = str(tmp_path / "b")
+    assert main(["benchmark", "paper-table3", "--data", "tiny", "--size", "28", "--models", "se-cnn,sa-cnn",
+                 "--seeds", "0,1", "--out", out, "--plan"]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert len(plan) == 4 and all(x.startswith("new") for x in plan)
+    assert main(["benchmark", "paper-table3", "--models", "nope", "--out", out]) == 2
+    assert capsys.readouterr().err.strip().startswith("bloodcell: error: suite paper-table3 has no entry nope")
+    assert main(["benchmark", "paper-table2", "--data", "tiny", "--size", "28", "--models", "cnn-t2-2",
+                 "--epochs", "1", "--threads", "1", "--out", out]) == 0
+    assert "cnn-t2-2" in capsys.readouterr().out
+    md = (tmp_path / "b" / "paper-table2" / "RESULTS.md").read_text()
+    assert f"`bloodcell benchmark paper-table2 --data tiny --seeds 0 --size 28 --epochs 1 --out {out}`" in md
+    assert main(["benchmark", "compare", str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
+    assert main(["benchmark", "compare", str(tmp_path / "missing")]) == 2
+
+
+def test_suite_models_build_at_the_paper_size():
+    for e in suites.get_suite("paper-table2").entries:
+        create_model(e.config["model"], input_size=64)
