@@ -1,7 +1,10 @@
 """The suite runner on tiny synthetic data: skip, resume, seed aggregation, the table and figure writers, compare."""
 
 import csv
+import importlib
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from bloodcell.evaluation import benchmark, suites
 from bloodcell.models import create_model, list_models
 from bloodcell.training import TrainConfig, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 FAST = dict(data="tiny", size=28, epochs=2, threads=1)
 QUIET = dict(log=lambda s: None)
 
@@ -72,6 +76,7 @@ def test_suite_runs_skips_finished_runs_and_reports(tiny, tmp_path):
         for seed in (0, 1):
             m = json.loads((root / entry / f"seed{seed}" / "metrics.json").read_text())
             assert m["test"]["checkpoint"] == "last" and m["training"]["epochs"] == 2
+    assert "Not run yet (no finished run): cnn-t2-1, cnn-t2-3, cnn-t2-4, cnn-t2-6," in (root / "RESULTS.md").read_text()
     weights = root / "cnn-t2-2" / "seed0" / "last.safetensors"
     stamp = weights.stat().st_mtime_ns
     lines = []
@@ -79,6 +84,12 @@ def test_suite_runs_skips_finished_runs_and_reports(tiny, tmp_path):
     assert weights.stat().st_mtime_ns == stamp  # nothing retrained
     assert not any("new" in x or "resuming" in x for x in lines if x.startswith("["))
     assert all(x.startswith("done") for x in lines[:4])
+    # the committed copies (no weights) are enough to rebuild the same table
+    sync = importlib.import_module("sync_paper_results")
+    assert sync.sync(out, tmp_path / "copy") > 0
+    assert not list((tmp_path / "copy").rglob("*.safetensors"))
+    benchmark.suite_report("paper-table2", tmp_path / "copy")
+    assert table(tmp_path / "copy" / "paper-table2" / "results.csv") == table(root / "results.csv")
     # a different setting in the same folder is refused, not silently mixed
     with pytest.raises(BloodcellError, match="other settings.*epochs 2 vs 3"):
         benchmark.run_suite("paper-table2", [0], out, models=["cnn-t2-2"], **{**FAST, "epochs": 3}, **QUIET)

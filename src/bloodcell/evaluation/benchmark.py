@@ -238,7 +238,7 @@ def runs_csv(groups: list[dict]) -> str:
 
 
 def results_markdown(groups: list[dict], title: str, description: str, paper_source: str,
-                     reproduce: str, figures: list[str]) -> str:
+                     reproduce: str, figures: list[str], pending: list[str] | None = None) -> str:
     from bloodcell.evaluation.machine import machine_info
 
     mi = machine_info()
@@ -277,6 +277,8 @@ def results_markdown(groups: list[dict], title: str, description: str, paper_sou
     if seen:
         lines += ["", f"Differing from the paper by more than {FLAG_POINTS} points: {', '.join(seen)}. "
                   "See the notes beside this file for what is known about why."]
+    if pending:
+        lines += ["", f"Not run yet (no finished run): {', '.join(pending)}."]
     if figures:
         lines += ["", "Figures: " + ", ".join(f"[{f}]({f})" for f in figures)]
     lines += ["", "Per-run figures: `runs.csv`; per-run folders hold config.json, history.csv, metrics.json, "
@@ -285,7 +287,7 @@ def results_markdown(groups: list[dict], title: str, description: str, paper_sou
 
 
 def write_report(groups: list[dict], out: str | Path, title: str, description: str, paper_source: str,
-                 reproduce: str) -> dict:
+                 reproduce: str, pending: list[str] | None = None) -> dict:
     from bloodcell.evaluation import plots
 
     out = Path(out)
@@ -309,7 +311,7 @@ def write_report(groups: list[dict], out: str | Path, title: str, description: s
     names = [f.name for f in figures]
     write_text(out / "results.csv", results_csv(groups))
     write_text(out / "runs.csv", runs_csv(groups))
-    md = results_markdown(groups, title, description, paper_source, reproduce, names)
+    md = results_markdown(groups, title, description, paper_source, reproduce, names, pending)
     write_text(out / "RESULTS.md", md)
     summary = [{"label": g["label"], "model": g["model"], "seeds": [r["seed"] for r in g["runs"]],
                 "stats": g["stats"], "paper": g["paper"]} for g in groups]
@@ -347,7 +349,8 @@ def suite_report(suite_name: str, out: str | Path) -> dict:
                  f"--seeds {','.join(map(str, sorted(seeds)))}"
                  + "".join(f" --size {s}" for s in sorted(sizes) if s != 64)
                  + "".join(f" --epochs {e}" for e in sorted(epoch_overrides)) + f" --out {out}")
-    return write_report(groups, root, suite.title, suite.description, suite.paper_source, reproduce)
+    pending = [e.name for e in suite.entries if e.name not in {g["label"] for g in groups}]
+    return write_report(groups, root, suite.title, suite.description, suite.paper_source, reproduce, pending)
 
 
 def compare(dirs: list[str | Path], out: str | Path, checkpoint: str = "best", log=print) -> dict:
