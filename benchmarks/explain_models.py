@@ -82,10 +82,11 @@ def main() -> None:
     ap.add_argument("--grid", help="comma-separated LABELs to show side by side in one heatmap grid")
     ap.add_argument("--limit", type=int, default=800, help="stratified test images for the report (default 800)")
     ap.add_argument("--out", default="benchmarks/results/explain", help="output folder")
+    ap.add_argument("--grid-only", action="store_true", help="skip the reports (they exist), make only the grid")
     a = ap.parse_args()
     out = Path(a.out)
     parsed = {label: (path, ckpt) for label, path, ckpt in map(parse_run, a.runs)}
-    for label, (path, ckpt) in parsed.items():
+    for label, (path, ckpt) in ({} if a.grid_only else parsed).items():
         r = runs.report(path, "test", a.limit, checkpoint=ckpt)
         print(runs.format_report(r), flush=True)
         (out / label).mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def main() -> None:
     if a.grid:
         labels = a.grid.split(",")
         png = runs.grid([parsed[x][0] for x in labels], "test", 4, out=out, checkpoint=[parsed[x][1] for x in labels],
-                         labels=labels)
+                         names=labels)
         target = out / f"gradcam_grid_{'_vs_'.join(labels)}.png"
         png.replace(target)
         print(f"wrote {target}")

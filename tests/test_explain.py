@@ -68,3 +68,19 @@ def test_error_galleries_and_confused_pairs(run):
     for key in ("correct", "incorrect", "confused_pairs_csv", "confused_pairs_md"):
         assert (run / "errors_test" / r["files"][key].split("/")[-1]).is_file()
     assert main(["errors", str(run), "--per-class", "2"]) == 0
+
+
+def test_grid_takes_a_checkpoint_and_a_name_per_run(run, tmp_path, monkeypatch):
+    from bloodcell.explain import runs
+
+    seen = {}
+
+    def capture(images, labels, class_names, maps_by_run, captions_by_run, path, title=""):
+        seen.update(maps_by_run)
+        return path
+
+    monkeypatch.setattr(runs, "heatmap_grid_png", capture)
+    runs.grid([run, run], per_class=1, out=tmp_path, checkpoint=["best", "last"], names=["attention", "plain"])
+    assert list(seen) == ["attention", "plain"] and seen["attention"].shape[1:] == (28, 28)
+    with pytest.raises(BloodcellError, match="one checkpoint, or one per run"):
+        runs.grid([run, run], checkpoint=["best"])

@@ -43,10 +43,10 @@ def explain_files(run_dir: str | Path, paths: list[str], layer: str | None = Non
 
 def grid(run_dirs: list[str | Path], split: str = "test", per_class: int = 4, layer: str | None = None,
          out: str | Path | None = None, checkpoint: str | list[str] = "best", seed: int = 0,
-         labels: list[str] | None = None) -> Path:
+         names: list[str] | None = None) -> Path:
     """Test images per class with each run's heatmap side by side (the first run's dataset).
 
-    ``checkpoint`` is one for all runs or one per run (suite runs are tested on their last epoch); ``labels`` name
+    ``checkpoint`` is one for all runs or one per run (suite runs are tested on their last epoch); ``names`` name
     the columns (default: the run folder, or ENTRY for ENTRY/seedN folders)."""
     ckpts = [checkpoint] * len(run_dirs) if isinstance(checkpoint, str) else list(checkpoint)
     if len(ckpts) != len(run_dirs):
@@ -60,7 +60,7 @@ def grid(run_dirs: list[str | Path], split: str = "test", per_class: int = 4, la
         if gc.predictor.class_names != d.class_names or gc.size != images.shape[1]:
             raise BloodcellError(f"{r}: its classes or input size differ from {run_dirs[0]}'s; cannot compare")
         m, probs = gc.maps(images)
-        key = _unique_name(labels[k] if labels else run_label(Path(r)), maps)
+        key = _unique_name(names[k] if names else run_label(Path(r)), maps)
         maps[key] = m
         captions[key] = [f"{d.class_names[p]} {probs[i, p]:.2f}" for i, p in enumerate(probs.argmax(1))]
     out = Path(out) if out else Path(run_dirs[0]) / "explain"
