@@ -154,6 +154,8 @@ def test_seed_aggregation_and_the_table_writers(tmp_path):
     assert acc_mean == pytest.approx(0.97) and acc_std == pytest.approx(np.std([0.98, 0.96, 0.97], ddof=1))
     assert groups[1]["stats"]["accuracy"] == (pytest.approx(0.90), None)  # one seed: no spread
     assert groups[1]["paper"]["accuracy"] == 0.9377  # Table 3 looked up by model name
+    oversampled = benchmark.group_rows([{**fake_row(0, 0.9, 0.9), "balance": "smote"}], ["x"])
+    assert oversampled[0]["paper"] == {}  # Table 3 numbers do not describe a rebalanced training set
     r = benchmark.write_report(groups, tmp_path / "rep", "T", "D", "P", "bloodcell benchmark x")
     md = (tmp_path / "rep" / "RESULTS.md").read_text()
     assert "| se-cnn | se-cnn | 3 | 466,632 | 0.9700 ± 0.0100 | 0.9792 | -0.92 |" in md

@@ -113,7 +113,7 @@ def run_row(run: Path) -> dict:
     cfg = TrainConfig.load(run / "config.json")
     m = read_json(run / "metrics.json")
     test, tr = m["test"], m.get("training", {})
-    row = {"run": str(run), "model": cfg.model, "seed": cfg.seed, "epochs": tr.get("epochs"),
+    row = {"run": str(run), "model": cfg.model, "seed": cfg.seed, "epochs": tr.get("epochs"), "balance": cfg.balance,
            "checkpoint": test.get("checkpoint"), "params_keras": test.get("params_keras"),
            "infer_images_per_s": test.get("cpu", {}).get("throughput_images_per_s")}
     row.update({k: test.get(k) for k in METRICS if k in test})
@@ -194,7 +194,9 @@ def group_rows(rows: list[dict], labels: list[str]) -> list[dict]:
         g["runs"].sort(key=lambda r: r["seed"])
         models = {r["model"] for r in g["runs"]}
         g["model"] = models.pop() if len(models) == 1 else "mixed"
-        g.setdefault("paper", paper_numbers(g["model"]) if g["model"] != "mixed" else {})
+        # the paper's Table 2/3 number of a model only describes runs on the training split as it is
+        comparable = g["model"] != "mixed" and all(r.get("balance", "none") == "none" for r in g["runs"])
+        g.setdefault("paper", paper_numbers(g["model"]) if comparable else {})
         g["stats"] = aggregate(g["runs"])
     return list(groups.values())
 
