@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bloodcell import __version__
 from bloodcell.errors import BloodcellError
+from bloodcell.io import markdown_table
 
 DATA_HELP = "a prepared dataset's name, or a MedMNIST-format .npz file (default: %(default)s)"
 DIR_HELP = "folder of prepared datasets (default: $BLOODCELL_DATA_DIR, else the user cache folder)"
@@ -19,12 +20,6 @@ def _add_data_args(p: argparse.ArgumentParser, default: str | None = "bloodmnist
     p.add_argument("--size", type=int, default=64, choices=(28, 64, 128, 224),
                    help="image size in pixels (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help=DIR_HELP)
-
-
-def _markdown_table(header: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def _text_table(header: list[str], rows: list[list]) -> str:
@@ -94,7 +89,7 @@ def cmd_data_info(a: argparse.Namespace) -> int:
                  sum(sum(c) for c in counts.values())])
     print(f"dataset '{name}', {d.size}x{d.size} px, {d.path}")
     print(_text_table(header, rows))
-    md = f"# {name} ({d.size}x{d.size})\n\n" + _markdown_table(header, rows) + "\n"
+    md = f"# {name} ({d.size}x{d.size})\n\n" + markdown_table(header, rows) + "\n"
     write_text(out / "counts.md", md)
     class_counts_png(counts, d.class_names, out / "class_distribution.png", f"{name} {d.size}px: images per class")
     sample_grid_png(d.images["train"], d.labels["train"], d.class_names, out / "samples.png",

@@ -59,3 +59,10 @@ def read_json(path: str | Path) -> Any:
         raise BloodcellError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BloodcellError(f"{path}: not valid JSON ({e})") from None
+
+
+def markdown_table(header: list, rows) -> str:
+    """A GitHub markdown table; cells are written with ``str``."""
+    out = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)

@@ -17,7 +17,7 @@ import numpy as np
 
 from bloodcell.errors import BloodcellError
 from bloodcell.evaluation.evaluate import evaluate_run
-from bloodcell.io import csv_text, read_json, write_json, write_text
+from bloodcell.io import csv_text, markdown_table, read_json, write_json, write_text
 from bloodcell.training.config import TrainConfig
 
 # Config fields that do not change a result, so a suite may be resumed with other values.
@@ -251,7 +251,7 @@ def results_markdown(groups: list[dict], title: str, description: str, paper_sou
              f"Reproduce: `{reproduce}`", ""]
     header = ["entry", "model", "seeds", "params", "accuracy", "paper", "Δ", "weighted F1", "paper", "Δ",
               "w. precision", "w. recall", "macro F1", "AUC", "1st epoch s", "mean epoch s", "size MB", "CPU img/s"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells_by_group = []
     flagged = []
     for g in groups:
         s, p = g["stats"], g["paper"]
@@ -266,12 +266,12 @@ def results_markdown(groups: list[dict], title: str, description: str, paper_sou
         cells += [_fmt(*s[k]) for k in ("precision_weighted", "recall_weighted", "f1_macro", "auc_ovr_macro")]
         cells += [_fmt(*s["first_epoch_seconds"], 1), _fmt(*s["mean_epoch_seconds"], 1),
                   _fmt(s["model_size_mb"][0], None, 2), _fmt(s["infer_images_per_s"][0], None, 0)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Settings per entry (from each run's config.json; ckpt = the checkpoint tested):", ""]
-    lines += ["| entry | settings | paper 1st epoch s (T4) | note |", "|---|---|---|---|"]
-    for g in groups:
-        t = g["paper"].get("first_epoch_seconds", "")
-        lines.append(f"| {g['label']} | {g['runs'][0]['settings']} | {t} | {g.get('note', '')} |")
+        cells_by_group.append(cells)
+    lines += [markdown_table(header, cells_by_group), "",
+              "Settings per entry (from each run's config.json; ckpt = the checkpoint tested):", "",
+              markdown_table(["entry", "settings", "paper 1st epoch s (T4)", "note"],
+                             ([g["label"], g["runs"][0]["settings"], g["paper"].get("first_epoch_seconds", ""),
+                               g.get("note", "")] for g in groups))]
     seen = []
     for g in flagged:
         if g["label"] not in seen:
