@@ -7,7 +7,6 @@ made from a suite and one made from hand-picked run folders look the same.
 
 from __future__ import annotations
 
-import csv
 import re
 import shutil
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bloodcell.errors import BloodcellError
-from bloodcell.evaluation.evaluate import evaluate_run
+from bloodcell.evaluation.evaluate import evaluate_run, read_history
 from bloodcell.io import csv_text, markdown_table, read_json, write_json, write_text
 from bloodcell.training.config import TrainConfig
 
@@ -145,13 +144,6 @@ def _default_optimizer(model: str) -> str:
         return get_spec(model).optimizer
     except BloodcellError:
         return "?"
-
-
-def read_history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def find_runs(dirs: list[str | Path]) -> list[Path]:

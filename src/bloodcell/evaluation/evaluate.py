@@ -90,17 +90,22 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
                csv_text(["true\\pred", *data.class_names], ([n, *r.tolist()] for n, r in zip(data.class_names, cm))))
     confusion_matrix_png(cm, data.class_names, run_dir / f"confusion_{split}.png",
                          f"{cfg.model} on {split}: accuracy {m['accuracy']:.4f}")
-    hist_path = run_dir / "history.csv"
-    if hist_path.is_file():
-        with open(hist_path) as f:
-            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-        if rows:
-            history_png(rows, run_dir / "history.png", f"{cfg.model} training")
+    rows = read_history(run_dir / "history.csv")
+    if rows:
+        history_png(rows, run_dir / "history.png", f"{cfg.model} training")
     metrics_path = run_dir / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
     metrics[split] = m
     write_json(metrics_path, metrics)
     return m
+
+
+def read_history(path: Path) -> list[dict]:
+    """A run's history.csv as rows of floats (empty when the run has none yet)."""
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def format_report(m: dict, class_names: list[str]) -> str:
