@@ -45,17 +45,20 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=1e-3) if optimizer == "sgd" else torch.optim.Adam(params, lr=1e-3)
 
 
-def train_throughput(name: str, precision: str, steps: int, warmup: int) -> float:
-    """Images per second of full training steps."""
+def train_throughput(name: str, precision: str, steps: int, warmup: int,
+                     channels_last: bool = True, compile: bool = False) -> float:
+    """Images per second of full training steps (warm-up, which includes any compilation, is not timed)."""
     torch.manual_seed(0)
-    model = create_model(name, input_size=SIZE).to(memory_format=torch.channels_last).train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = create_model(name, input_size=SIZE).to(memory_format=fmt).train()
     opt = make_optimizer(name, model)
-    x = torch.rand(TRAIN_BATCH, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
+    forward = torch.compile(model) if compile else model
+    x = torch.rand(TRAIN_BATCH, 3, SIZE, SIZE).contiguous(memory_format=fmt)
     y = torch.randint(0, 8, (TRAIN_BATCH,))
 
     def step() -> None:
         with precision_context(precision):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
