@@ -175,3 +175,36 @@ def test_autoclassifier_trains_in_two_stages_and_evaluates(tmp_path):
                        last["encoder.features.0.weight"])
     with open(run / "history.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
+
+
+def test_autoclassifier_interrupted_in_pretraining_resumes_to_the_same_result(tmp_path):
+    """A run stopped during the autoencoder stage continues it (not from scratch) and ends as an uninterrupted run."""
+    npz = tmp_path / "bloodmnist_32.npz"
+    np.savez(npz, **synthetic_arrays({"train": 4, "val": 2, "test": 2}, size=32))
+    prepare_from_npz(npz)
+    cfg = TrainConfig(model="autoclassifier", model_args={"pretrain_epochs": 3}, data="bloodmnist", size=32,
+                      epochs=2, batch_size=16, threads=1)
+    train(cfg, tmp_path / "straight", log=lambda s: None)
+    assert not (tmp_path / "straight" / "pretrain_state.pt").exists()
+
+    def stop_after_autoencoder_epoch_2(msg):
+        if msg.startswith("autoencoder   2/"):
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, cut, log=stop_after_autoencoder_epoch_2)
+    assert (cut / "pretrain_state.pt").is_file() and not (cut / "state.pt").exists()
+    said = []
+    train(cfg, cut, resume=True, log=said.append)
+    assert "resuming the autoencoder stage after epoch 2 of 3" in said
+    assert sum(s.startswith("autoencoder ") for s in said) == 1
+
+    def rows(run, name):
+        with open(run / name) as f:
+            return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+    for name in ("history_autoencoder.csv", "history.csv"):
+        assert rows(cut, name) == rows(tmp_path / "straight", name)
+    a, b = load_file(tmp_path / "straight" / "last.safetensors"), load_file(cut / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

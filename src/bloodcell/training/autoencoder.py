@@ -19,9 +19,11 @@ from torch import nn
 
 from bloodcell.data.tensors import Normalizer
 from bloodcell.io import csv_text, write_text
+from bloodcell.training.checkpoint import load_state_file, save_state
 from bloodcell.training.config import TrainConfig
 
 AE_HISTORY_FIELDS = ["epoch", "train_mse", "val_mse", "seconds"]
+PRETRAIN_STATE = "pretrain_state.pt"
 
 
 @torch.inference_mode()
@@ -47,13 +49,26 @@ def save_reconstructions(autoencoder: nn.Module, images: torch.Tensor, norm: Nor
 
 def pretrain(model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, norm: Normalizer, cfg: TrainConfig,
              out: Path, gen: torch.Generator, log: Callable[[str], None] = print) -> list[dict]:
-    """Train ``model.make_autoencoder()`` (Adam, ``cfg.lr``) on MSE to pixels in [0, 1]; freeze the encoder after."""
+    """Train ``model.make_autoencoder()`` (Adam, ``cfg.lr``) on MSE to pixels in [0, 1]; freeze the encoder after.
+
+    Resumable like the classifier stage: each epoch's state goes to ``pretrain_state.pt`` (removed when the
+    stage ends), so an interrupted run continues its pre-training instead of starting it again.
+    """
     autoencoder = model.make_autoencoder().to(memory_format=torch.channels_last)
     model.freeze_encoder(False)
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=cfg.lr)
     epochs = getattr(model, "pretrain_epochs", None) or cfg.epochs
-    n, bs, history = len(x_train), cfg.batch_size, []
-    for epoch in range(epochs):
+    n, bs, history, start = len(x_train), cfg.batch_size, [], 0
+    state_path = out / PRETRAIN_STATE
+    if state_path.is_file():
+        st = load_state_file(state_path)
+        autoencoder.load_state_dict(st["autoencoder"])
+        optimizer.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        history, start = [dict(h) for h in st["history"]], st["epoch"] + 1
+        log(f"resuming the autoencoder stage after epoch {start} of {epochs}")
+    for epoch in range(start, epochs):
         autoencoder.train()
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen)
@@ -69,9 +84,13 @@ def pretrain(model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, norm:
         row = {"epoch": epoch + 1, "train_mse": round(loss_sum / n, 6), "val_mse": round(val_mse, 6),
                "seconds": round(time.perf_counter() - t0, 3)}
         history.append(row)
+        write_text(out / "history_autoencoder.csv", csv_text(AE_HISTORY_FIELDS, history))
+        save_state(state_path, {"autoencoder": autoencoder.state_dict(), "optimizer": optimizer.state_dict(),
+                                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                                "history": history, "epoch": epoch})
         log(f"autoencoder {epoch + 1:>3}/{epochs}  mse {row['train_mse']:.5f}  val_mse {val_mse:.5f}  "
             f"{row['seconds']:.1f}s")
-    write_text(out / "history_autoencoder.csv", csv_text(AE_HISTORY_FIELDS, history))
     save_reconstructions(autoencoder, x_val, norm, out / "autoencoder_reconstructions.png")
     model.freeze_encoder(True)
+    state_path.unlink(missing_ok=True)  # the classifier stage's state.pt now holds the encoder
     return history
