@@ -51,8 +51,8 @@ def pretrain(model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, norm:
              out: Path, gen: torch.Generator, log: Callable[[str], None] = print) -> list[dict]:
     """Train ``model.make_autoencoder()`` (Adam, ``cfg.lr``) on MSE to pixels in [0, 1]; freeze the encoder after.
 
-    Resumable like the classifier stage: each epoch's state goes to ``pretrain_state.pt`` (removed when the
-    stage ends), so an interrupted run continues its pre-training instead of starting it again.
+    Resumable like the classifier stage: each epoch's state goes to ``pretrain_state.pt`` (kept, so a run stopped
+    before its first classifier epoch does not pre-train again), and an interrupted run continues from it.
     """
     autoencoder = model.make_autoencoder().to(memory_format=torch.channels_last)
     model.freeze_encoder(False)
@@ -92,5 +92,4 @@ def pretrain(model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, norm:
             f"{row['seconds']:.1f}s")
     save_reconstructions(autoencoder, x_val, norm, out / "autoencoder_reconstructions.png")
     model.freeze_encoder(True)
-    state_path.unlink(missing_ok=True)  # the classifier stage's state.pt now holds the encoder
     return history
