@@ -13,7 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
-RUN_FILES = ("config.json", "metrics.json", "history.csv", "confusion_test.csv")
+RUN_FILES = ("config.json", "metrics.json", "history.csv", "confusion_test.csv",
+             "history_autoencoder.csv", "autoencoder_reconstructions.png")  # the last two: AutoClassifier only
 SUITE_SUFFIXES = (".md", ".csv", ".json", ".png")
 
 
