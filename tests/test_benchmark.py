@@ -203,3 +203,21 @@ def test_benchmark_cli(tiny, tmp_path, capsys):
 def test_suite_models_build_at_the_paper_size():
     for e in suites.get_suite("paper-table2").entries:
         create_model(e.config["model"], input_size=64)
+
+
+def test_sync_copies_reports_and_autoencoder_history_but_no_weights(tmp_path):
+    run = tmp_path / "runs" / "paper-table3" / "autoclassifier" / "seed0"
+    run.mkdir(parents=True)
+    for name in ("config.json", "metrics.json", "history.csv", "history_autoencoder.csv", "last.safetensors",
+                 "state.pt", "pretrain_state.pt"):
+        (run / name).write_text(name)
+    unfinished = tmp_path / "runs" / "paper-table3" / "vgg" / "seed0"
+    unfinished.mkdir(parents=True)
+    (unfinished / "config.json").write_text("{}")
+    (tmp_path / "runs" / "paper-table3" / "RESULTS.md").write_text("# table")
+    sync = importlib.import_module("sync_paper_results")
+    sync.sync(tmp_path / "runs", tmp_path / "copy")
+    copied = sorted(p.relative_to(tmp_path / "copy").as_posix() for p in (tmp_path / "copy").rglob("*.*"))
+    assert copied == ["paper-table3/RESULTS.md"] + [
+        f"paper-table3/autoclassifier/seed0/{n}"
+        for n in ("config.json", "history.csv", "history_autoencoder.csv", "metrics.json")]
