@@ -6,7 +6,15 @@ import pytest
 from bloodcell.cli import main
 from bloodcell.errors import BloodcellError
 from bloodcell.explain.errors import confused_pairs, error_analysis
-from bloodcell.explain.gradcam import GradCam, centre_energy_share, rank_correlations, spatial_layers
+from bloodcell.explain.gradcam import (
+    GradCam,
+    _without_inplace,
+    centre_energy_share,
+    find_layer,
+    heatmaps,
+    rank_correlations,
+    spatial_layers,
+)
 from bloodcell.explain.runs import report
 from bloodcell.models import create_model, list_models
 from bloodcell.predict import Predictor
@@ -16,6 +24,20 @@ from bloodcell.predict import Predictor
 def test_every_registered_model_has_a_default_layer(name):
     layers = spatial_layers(create_model(name, input_size=64), 64)
     assert layers and all(x.shape[1] > 1 and x.shape[2] > 1 for x in layers)
+
+
+def test_autoclassifier_maps_come_from_its_encoder_and_are_not_uniform():
+    # its head sees a 2x2 reshape of a dense code: maps there would be flat, so it names an encoder layer
+    from captum.attr import LayerGradCam
+
+    from bloodcell.data.tensors import Normalizer
+
+    model = _without_inplace(create_model("autoclassifier", input_size=32))
+    name, layer = find_layer(model, 32)
+    assert name.startswith("encoder.") and name == model.gradcam_layer
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    maps = heatmaps(LayerGradCam(model, layer), Normalizer(), images, np.array([0, 1, 2]))
+    assert maps.shape == (3, 32, 32) and all(np.ptp(m) > 0 for m in maps)
 
 
 def test_maps_have_input_size_and_depend_on_target(run):

@@ -30,13 +30,14 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 
 def _list_layers(a: argparse.Namespace) -> int:
-    from bloodcell.explain.gradcam import spatial_layers
+    from bloodcell.explain.gradcam import default_layer, spatial_layers
     from bloodcell.predict import Predictor
 
     pred = Predictor(a.run_dir, a.checkpoint)
     layers = spatial_layers(pred.model, int(pred.meta["input_size"]))
-    for k, x in enumerate(layers):
-        mark = "  (default)" if k == len(layers) - 1 else ""
+    default = default_layer(pred.model, layers)
+    for x in layers:
+        mark = "  (default)" if x.name == default else ""
         print(f"{x.name:<40}{x.type:<20}{'x'.join(map(str, x.shape))}{mark}")
     return 0
 

@@ -6,7 +6,8 @@ does the upsampling, so the only code here is choosing the layer and measuring t
 
 The target layer is found generically by a dry forward pass with hooks on every sub-module: candidates are
 modules called once whose output is a 4-D tensor with H, W > 1; the default is the last of them to finish
-(the last spatial conv/attention output), so it works for any architecture in the registry.
+(the last spatial conv/attention output), so it works for any architecture in the registry, unless the model
+names its own ``gradcam_layer``.
 
 Measurements (written to ``explain/gradcam_report.json``):
 
@@ -74,14 +75,22 @@ def spatial_layers(model: nn.Module, size: int) -> list[LayerInfo]:
     return [LayerInfo(n, type(m).__name__, s) for n, m, s in outputs if calls[n] == 1]
 
 
+def default_layer(model: nn.Module, layers: list[LayerInfo]) -> str:
+    """The model's own ``gradcam_layer`` if it names one, else the last spatial layer of the forward pass.
+
+    A model declares its layer when its last spatial maps have no image geometry (the AutoClassifier's head
+    convolves a reshaped dense code), where the generic choice would give meaningless, uniform maps.
+    """
+    return getattr(model, "gradcam_layer", None) or layers[-1].name
+
+
 def find_layer(model: nn.Module, size: int, name: str | None = None) -> tuple[str, nn.Module]:
-    """The named layer, or by default the last spatial layer of the forward pass."""
+    """The named layer, or by default ``default_layer``."""
     layers = spatial_layers(model, size)
     if not layers:
         raise BloodcellError(f"model {type(model).__name__} has no layer with a spatial output at {size}px")
-    if name is None:
-        name = layers[-1].name
-    elif name not in {x.name for x in layers}:
+    name = name or default_layer(model, layers)
+    if name not in {x.name for x in layers}:
         raise BloodcellError(f"layer '{name}' is not a spatial layer of this model "
                              f"(see 'bloodcell explain --list-layers RUN_DIR'; last: {layers[-1].name})")
     return name, model.get_submodule(name)

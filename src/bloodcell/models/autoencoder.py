@@ -86,6 +86,9 @@ class AutoClassifier(nn.Module):
     """
 
     needs_pretraining = True
+    # Grad-CAM on the encoder's last conv activation (s/8 side): the head's 2x2 maps are a reshaped dense
+    # code with no image geometry, so maps there come out uniform.
+    gradcam_layer = f"encoder.features.{4 * len(ENCODER_WIDTHS) - 2}"
 
     def __init__(self, num_classes: int = 8, input_size: int = 64, in_channels: int = 3, latent: int = 64,
                  latent_shape: tuple[int, int, int] = (2, 2, 16), dropout: float = 0.3,
