@@ -26,6 +26,19 @@ def test_every_registered_model_has_a_default_layer(name):
     assert layers and all(x.shape[1] > 1 and x.shape[2] > 1 for x in layers)
 
 
+def test_default_layer_skips_maps_too_small_to_localise():
+    # se-vgg15 ends at 2x2 on 64 px; a 2x2 map upsampled gives the uniform centre share whatever it holds
+    model = create_model("se-vgg15", input_size=64)
+    layers = spatial_layers(model, 64)
+    name, _ = find_layer(model, 64)
+    chosen = next(x for x in layers if x.name == name)
+    assert min(layers[-1].shape[1:]) == 2 and min(chosen.shape[1:]) == 4
+    assert chosen is [x for x in layers if min(x.shape[1:]) >= 4][-1]
+    uniform = centre_energy_share(np.ones((1, 64, 64)))
+    quadrants = np.kron(np.array([[[1.0, 5.0], [2.0, 9.0]]]), np.ones((32, 32)))
+    assert centre_energy_share(quadrants) == pytest.approx(uniform, abs=0.02)
+
+
 def test_autoclassifier_maps_come_from_its_encoder_and_are_not_uniform():
     # its head sees a 2x2 reshape of a dense code: maps there would be flat, so it names an encoder layer
     from captum.attr import LayerGradCam

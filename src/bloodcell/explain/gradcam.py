@@ -6,8 +6,9 @@ does the upsampling, so the only code here is choosing the layer and measuring t
 
 The target layer is found generically by a dry forward pass with hooks on every sub-module: candidates are
 modules called once whose output is a 4-D tensor with H, W > 1; the default is the last of them to finish
-(the last spatial conv/attention output), so it works for any architecture in the registry, unless the model
-names its own ``gradcam_layer``.
+with at least ``MIN_MAP_SIDE`` x ``MIN_MAP_SIDE`` cells (the last spatial conv/attention output that still has
+some geometry), so it works for any architecture in the registry, unless the model names its own
+``gradcam_layer``.
 
 Measurements (written to ``explain/gradcam_report.json``):
 
@@ -35,6 +36,9 @@ from bloodcell.errors import BloodcellError
 from bloodcell.predict import Predictor
 
 CENTRE_RADIUS = 0.35  # of the image side
+# A 2x2 map upsamples to four mirror-symmetric quadrants: every centred measurement of it equals the uniform
+# map's, whatever the model learned (the VGG15s and ResNet34 end at 2x2 on 64 px inputs).
+MIN_MAP_SIDE = 4
 
 
 @dataclass
@@ -76,12 +80,17 @@ def spatial_layers(model: nn.Module, size: int) -> list[LayerInfo]:
 
 
 def default_layer(model: nn.Module, layers: list[LayerInfo]) -> str:
-    """The model's own ``gradcam_layer`` if it names one, else the last spatial layer of the forward pass.
+    """The model's own ``gradcam_layer`` if it names one, else the last layer of at least ``MIN_MAP_SIDE`` cells.
 
     A model declares its layer when its last spatial maps have no image geometry (the AutoClassifier's head
-    convolves a reshaped dense code), where the generic choice would give meaningless, uniform maps.
+    convolves a reshaped dense code), where the generic choice would give meaningless, uniform maps. Without
+    a layer that large, the last spatial layer is the best there is.
     """
-    return getattr(model, "gradcam_layer", None) or layers[-1].name
+    named = getattr(model, "gradcam_layer", None)
+    if named:
+        return named
+    large = [x for x in layers if min(x.shape[1:]) >= MIN_MAP_SIDE]
+    return (large or layers)[-1].name
 
 
 def find_layer(model: nn.Module, size: int, name: str | None = None) -> tuple[str, nn.Module]:
