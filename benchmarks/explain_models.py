@@ -86,6 +86,10 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out)
     parsed = {label: (path, ckpt) for label, path, ckpt in map(parse_run, a.runs)}
+    missing = [x for x in (a.grid.split(",") if a.grid else []) if x not in parsed]
+    if missing:
+        ap.error(f"--grid names {', '.join(missing)}, which are not among the LABEL=RUN arguments "
+                 "(pass them too, with --grid-only to skip their reports)")
     for label, (path, ckpt) in ({} if a.grid_only else parsed).items():
         r = runs.report(path, "test", a.limit, checkpoint=ckpt)
         print(runs.format_report(r), flush=True)
