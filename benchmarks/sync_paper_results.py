@@ -2,6 +2,11 @@
 
 Usage: python benchmarks/sync_paper_results.py [RUNS_ROOT] [DEST]
        (defaults: runs/benchmarks, benchmarks/results/paper)
+       python benchmarks/sync_paper_results.py --restore [DEST] [RUNS_ROOT]
+
+--restore goes the other way, for a fresh clone: it copies each committed finished run into the runs root unless
+that run folder already exists there, so `bloodcell benchmark` finds them "done" and skips them, and the suite
+report it writes still holds every row (a copy is done because it has config.json and a finished metrics.json).
 
 The copies are valid run folders for reporting: `bloodcell benchmark SUITE --report-only --out DEST` and
 `bloodcell benchmark compare DEST/...` rebuild the tables and figures from them alone.
@@ -38,7 +43,23 @@ def sync(src: Path, dest: Path) -> int:
     return n
 
 
+def restore(results: Path, runs: Path) -> int:
+    n = 0
+    for run in sorted(results.glob("*/*/seed*")):
+        target = runs / run.relative_to(results)
+        if not (run / "metrics.json").is_file() or target.exists():
+            continue
+        shutil.copytree(run, target)
+        n += 1
+    return n
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--restore"]:
+        dest = Path(sys.argv[2] if len(sys.argv) > 2 else "benchmarks/results/paper")
+        runs = Path(sys.argv[3] if len(sys.argv) > 3 else "runs/benchmarks")
+        print(f"restored {restore(dest, runs)} finished runs from {dest} to {runs}")
+        sys.exit(0)
     src = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/benchmarks")
     dest = Path(sys.argv[2] if len(sys.argv) > 2 else "benchmarks/results/paper")
     print(f"copied {sync(src, dest)} files from {src} to {dest}")

@@ -90,6 +90,14 @@ def test_suite_runs_skips_finished_runs_and_reports(tiny, tmp_path):
     assert not list((tmp_path / "copy").rglob("*.safetensors"))
     benchmark.suite_report("paper-table2", tmp_path / "copy")
     assert table(tmp_path / "copy" / "paper-table2" / "results.csv") == table(root / "results.csv")
+    # a fresh clone: the copies restored into an empty runs root are skipped, and a seed they lack is trained
+    fresh = tmp_path / "fresh"
+    assert sync.restore(tmp_path / "copy", fresh) == 4
+    assert sync.restore(tmp_path / "copy", fresh) == 0  # never overwrites a run folder that is there
+    lines = []
+    r = benchmark.run_suite("paper-table2", [0, 1, 2], fresh, models=["cnn-t2-2"], **FAST, log=lines.append)
+    assert [x.split()[0] for x in lines[:3]] == ["done", "done", "new"]
+    assert [x["seed"] for x in r["groups"][0]["runs"]] == [0, 1, 2]
     # a different setting in the same folder is refused, not silently mixed
     with pytest.raises(BloodcellError, match="other settings.*epochs 2 vs 3"):
         benchmark.run_suite("paper-table2", [0], out, models=["cnn-t2-2"], **{**FAST, "epochs": 3}, **QUIET)
