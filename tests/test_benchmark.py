@@ -229,3 +229,30 @@ def test_sync_copies_reports_and_autoencoder_history_but_no_weights(tmp_path):
     assert copied == ["paper-table3/RESULTS.md"] + [
         f"paper-table3/autoclassifier/seed0/{n}"
         for n in ("config.json", "history.csv", "history_autoencoder.csv", "metrics.json")]
+
+
+def test_paper_suites_script_runs_seeds_one_at_a_time_and_syncs_after_each(tmp_path):
+    """The driver script: a multi-seed step becomes one command per seed, `;` splits a step, a sync follows each."""
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(repo / "benchmarks" / "paper_suites.sh", tmp_path / "benchmarks")
+    fake = tmp_path / ".venv" / "bin"
+    fake.mkdir(parents=True)
+    calls = tmp_path / "calls.txt"
+    for tool in ("bloodcell", "python"):
+        (fake / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\n')
+        (fake / tool).chmod(0o755)
+    (fake / "activate").write_text(f'PATH="{fake}:$PATH"\n')
+    subprocess.run(["bash", "benchmarks/paper_suites.sh", "8", "9"], cwd=tmp_path, check=True, capture_output=True)
+    d = "--data pbc --out runs/benchmarks"
+    sync = "python benchmarks/sync_paper_results.py"
+    assert calls.read_text().splitlines() == [
+        f"{sync} --restore",
+        *[line for s in (0, 1, 2) for line in
+          (f"bloodcell benchmark paper-table3 {d} --models se-vgg15,cbam-vgg15 --seeds {s}", sync)],
+        f"bloodcell benchmark paper-table3 {d} --models cnn --epochs 10", sync,
+        f"bloodcell benchmark paper-table3 {d} --models inception --epochs 10", sync,
+    ]
