@@ -90,6 +90,39 @@ def test_interrupted_run_resumes_to_the_same_result(prepared, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.parametrize("stop_at_save", [2, 4])  # inside epoch 1 after 64 images; inside epoch 2 after 32
+def test_run_stopped_inside_an_epoch_resumes_there_to_the_same_result(prepared, tmp_path, monkeypatch, stop_at_save):
+    """A large model's epoch can outlast a session: the state saved inside an epoch (here after every batch,
+    3 batches per epoch) lets a resumed run replay the rest of that epoch exactly, not restart it."""
+    from bloodcell.training import loop
+
+    cfg = TrainConfig(**FAST, epochs=2, augment="dihedral", schedule="cosine")
+    train(cfg, tmp_path / "straight", log=lambda s: None)
+    real_save, saves = loop.save_state, []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saves.append(state.get("partial"))
+        if len(saves) == stop_at_save:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", log=lambda s: None, save_every=0)
+    assert [s is None for s in saves] == [False, False, True, False][:stop_at_save]  # inside, inside, epoch end
+    monkeypatch.setattr(loop, "save_state", real_save)
+    said = []
+    train(cfg, tmp_path / "cut", resume=True, log=said.append)
+    epoch, images = {2: (1, 64), 4: (2, 32)}[stop_at_save]
+    assert said[0].endswith(f"in epoch {epoch} of 2, after {images} images")
+    assert sum(s.startswith("epoch ") for s in said) == 3 - epoch
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(history(tmp_path / "cut")) == strip(history(tmp_path / "straight"))
+    wa, wb = load_file(tmp_path / "straight" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert float(history(tmp_path / "cut")[epoch - 1]["seconds"]) > 0
+
+
 def test_killed_run_keeps_its_checkpoint_and_resumes(prepared, tmp_path):
     """SIGKILL mid-run (a real process, no chance to clean up) leaves whole files; --resume then ends
     exactly where an uninterrupted run ends."""

@@ -75,10 +75,14 @@ def weights_meta(cfg: TrainConfig, data: PreparedData, norm_stats: dict | None, 
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool | None = None,
-          data: PreparedData | None = None, log=print, extend_to: int | None = None) -> dict:
-    """Train ``cfg`` into run folder ``out``; with ``resume`` continue from its last finished epoch.
+          data: PreparedData | None = None, log=print, extend_to: int | None = None,
+          save_every: float = 300.0) -> dict:
+    """Train ``cfg`` into run folder ``out``; with ``resume`` continue from where it was stopped.
 
-    On resume the saved config is used; ``extend_to`` may raise its epoch count.
+    On resume the saved config is used; ``extend_to`` may raise its epoch count. Besides the state at the end of
+    each epoch, the state inside an epoch is saved every ``save_every`` seconds (an epoch of a large model takes
+    over half an hour on a 2-core CPU), so a killed run loses at most that much; the resumed run ends exactly
+    as an uninterrupted one.
     Returns the training summary (also written to ``metrics.json`` under "training").
     """
     out = Path(out)
@@ -125,7 +129,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     best = {"val_acc": -1.0, "epoch": -1}
-    start = 0
+    start, partial = 0, None
     if resume and state_path.is_file():
         st = load_state_file(state_path)
         model.load_state_dict(st["model"])
@@ -134,11 +138,16 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         torch.set_rng_state(st["torch_rng"])
         history, best, start = st["history"], st["best"], st["epoch"] + 1
         history = [dict(h) for h in history]
-        log(f"resuming {out} after epoch {start} of {cfg.epochs}")
+        partial = st.get("partial")  # set when the run was stopped inside epoch ``start + 1``
+        if partial:
+            log(f"resuming {out} in epoch {start + 1} of {cfg.epochs}, after {partial['next']} images")
+        else:
+            log(f"resuming {out} after epoch {start} of {cfg.epochs}")
     elif not resume:
         out.mkdir(parents=True, exist_ok=True)
     cfg.save(config_path)
-    if getattr(model, "needs_pretraining", False) and start == 0:  # e.g. the AutoClassifier's autoencoder stage
+    # e.g. the AutoClassifier's autoencoder stage, done once before the first classifier epoch
+    if getattr(model, "needs_pretraining", False) and start == 0 and not partial:
         from bloodcell.training.autoencoder import pretrain
 
         pretrain(model, x_train, x_val, norm, cfg, out, gen, log)
@@ -149,16 +158,29 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     from tqdm import tqdm
 
     n, bs = len(x_train), cfg.batch_size
+
+    def save_checkpoint(finished_epoch: int, inside: dict | None = None) -> None:
+        """Everything the loop needs to go on: after epoch ``finished_epoch`` (0-based), or ``inside`` the next."""
+        save_state(state_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "history": history, "best": best, "epoch": finished_epoch,
+            **({"partial": inside} if inside else {}),
+        })
+
     for epoch in range(start, cfg.epochs):
         lr = cfg.lr * lr_factor(cfg.schedule, epoch, cfg.epochs)
         for g in optimizer.param_groups:
             g["lr"] = lr
         model.train()
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen)
-        loss_sum, correct = 0.0, 0
-        bar = tqdm(range(0, n, bs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=not progress, leave=False)
+        t0 = last_save = time.perf_counter()
+        if partial:  # the generators were restored with the state, so the rest of the epoch replays exactly
+            perm, first, loss_sum, correct = partial["perm"], partial["next"], partial["loss_sum"], partial["correct"]
+            t0 -= partial["seconds"]
+            partial = None
+        else:
+            perm, first, loss_sum, correct = torch.randperm(n, generator=gen), 0, 0.0, 0
+        bar = tqdm(range(first, n, bs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=not progress, leave=False, initial=first // bs, total=-(-n // bs))
         for i in bar:
             idx = perm[i : i + bs]
             xb = augment_batch(x_train[idx], cfg.augment, gen)
@@ -171,6 +193,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if time.perf_counter() - last_save >= save_every and i + bs < n:
+                save_checkpoint(epoch - 1, {"next": i + bs, "perm": perm, "loss_sum": loss_sum, "correct": correct,
+                                            "seconds": time.perf_counter() - t0})
+                last_save = time.perf_counter()
         train_s = time.perf_counter() - t0
         val_logits = predict_logits(model, x_val, norm)
         val_loss = F.cross_entropy(val_logits, y_val).item()
@@ -185,10 +211,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             save_weights(out / "best.safetensors", model, meta)
         save_weights(out / "last.safetensors", model, meta)
         write_text(out / "history.csv", csv_text(HISTORY_FIELDS, history))
-        save_state(state_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "history": history, "best": best, "epoch": epoch,
-        })
+        save_checkpoint(epoch)
         log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}  "
             f"val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s "
             f"(train {train_s:.1f}s)")
