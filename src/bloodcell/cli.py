@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     tr.add_argument("--out", help="run folder (default: runs/MODEL_DATASIZE_seedSEED)")
     tr.add_argument("--resume", action="store_true",
-                    help="continue the run in --out from its last finished epoch (its saved config is used)")
+                    help="continue the run in --out where it stopped: after its last epoch, or inside an epoch "
+                         "from the state saved every 5 min (its saved config is used)")
     tr.add_argument("--evaluate", action="store_true", help="evaluate on the test split when training ends")
     tr.add_argument("--checkpoint", choices=("best", "last"), default="best",
                     help="checkpoint that --evaluate uses (default: %(default)s)")
