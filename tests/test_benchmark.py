@@ -77,6 +77,8 @@ def test_suite_runs_skips_finished_runs_and_reports(tiny, tmp_path):
             m = json.loads((root / entry / f"seed{seed}" / "metrics.json").read_text())
             assert m["test"]["checkpoint"] == "last" and m["training"]["epochs"] == 2
     assert "Not run yet (no finished run): cnn-t2-1, cnn-t2-3, cnn-t2-4, cnn-t2-6," in (root / "RESULTS.md").read_text()
+    with open(root / "runs.csv") as f:
+        assert all(float(r["first_epoch_load"]) >= 0 for r in csv.DictReader(f))  # how busy the machine was
     weights = root / "cnn-t2-2" / "seed0" / "last.safetensors"
     stamp = weights.stat().st_mtime_ns
     lines = []

@@ -31,6 +31,11 @@ def history(run):
         return list(csv.DictReader(f))
 
 
+def without_timing(rows):
+    """History rows minus what depends on the machine's speed and load, which no seed fixes."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "load")} for r in rows]
+
+
 def test_schedules():
     assert lr_factor("paper", 0, 20) == 1.0
     assert 1e-3 * lr_factor("paper", 7, 20) == pytest.approx(6.08e-5, rel=1e-2)  # logged by the paper's code
@@ -46,7 +51,8 @@ def test_run_folder_contents(prepared, tmp_path):
         assert (run / name).is_file(), name
     rows = history(run)
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "load"}
+    assert float(rows[0]["load"]) >= 0  # the machine's mean 1-min load average over the epoch
     assert float(rows[1]["lr"]) == pytest.approx(5e-4)
     assert summary["first_epoch_seconds"] == float(rows[0]["seconds"]) > 0
     assert TrainConfig.load(run / "config.json") == TrainConfig(**FAST, epochs=2, augment="dihedral", schedule="cosine")
@@ -60,8 +66,7 @@ def test_same_seed_gives_identical_results(prepared, tmp_path):
     cfg = TrainConfig(**FAST, epochs=2, augment="flip")
     train(cfg, tmp_path / "a", log=lambda s: None)
     train(cfg, tmp_path / "b", log=lambda s: None)
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in history(tmp_path / "a")]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in history(tmp_path / "b")]
+    assert without_timing(history(tmp_path / "a")) == without_timing(history(tmp_path / "b"))
     wa, wb = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     train(TrainConfig(**{**FAST, "seed": 1}, epochs=2, augment="flip"), tmp_path / "c", log=lambda s: None)
@@ -83,9 +88,7 @@ def test_interrupted_run_resumes_to_the_same_result(prepared, tmp_path):
     with pytest.raises(BloodcellError, match="already holds a run"):
         train(cfg, tmp_path / "cut", log=lambda s: None)
     train(cfg, tmp_path / "cut", resume=True, log=lambda s: None)
-    a, b = history(tmp_path / "straight"), history(tmp_path / "cut")
-    assert [{k: v for k, v in r.items() if k != "seconds"} for r in a] == \
-        [{k: v for k, v in r.items() if k != "seconds"} for r in b]
+    assert without_timing(history(tmp_path / "straight")) == without_timing(history(tmp_path / "cut"))
     wa, wb = load_file(tmp_path / "straight" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -116,11 +119,52 @@ def test_run_stopped_inside_an_epoch_resumes_there_to_the_same_result(prepared, 
     epoch, images = {2: (1, 64), 4: (2, 32)}[stop_at_save]
     assert said[0].endswith(f"in epoch {epoch} of 2, after {images} images")
     assert sum(s.startswith("epoch ") for s in said) == 3 - epoch
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert strip(history(tmp_path / "cut")) == strip(history(tmp_path / "straight"))
+    assert without_timing(history(tmp_path / "cut")) == without_timing(history(tmp_path / "straight"))
     wa, wb = load_file(tmp_path / "straight" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert float(history(tmp_path / "cut")[epoch - 1]["seconds"]) > 0
+
+
+def test_broken_or_foreign_training_state_is_a_clear_error(prepared, tmp_path):
+    """--resume on a truncated state, one saved by another model, or a stray file: one line naming the file."""
+    cfg = TrainConfig(**FAST, epochs=2)
+
+    def stop_after_epoch_1(msg):
+        if msg.startswith("epoch   1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", log=stop_after_epoch_1)
+    state_path = tmp_path / "run" / "state.pt"
+    good = torch.load(state_path, weights_only=True)
+    resume = lambda: train(cfg, tmp_path / "run", resume=True, log=lambda s: None)  # noqa: E731
+    torch.save({k: v for k, v in good.items() if k != "optimizer"}, state_path)
+    with pytest.raises(BloodcellError, match=r"state.pt: corrupt training state \(it lacks \['optimizer'\]\)"):
+        resume()
+    torch.save({**good, "partial": {"next": 32}}, state_path)
+    with pytest.raises(BloodcellError, match=r"state.pt: corrupt training state \(the part-epoch record lacks"):
+        resume()
+    other = train(TrainConfig(**{**FAST, "model": "cnn"}, epochs=1), tmp_path / "other", log=lambda s: None)
+    assert other["model"] == "cnn"
+    torch.save(torch.load(tmp_path / "other" / "state.pt", weights_only=True), state_path)
+    with pytest.raises(BloodcellError, match="state.pt: weights do not match the model"):
+        resume()
+    torch.save({**good, "optimizer": {"state": {}, "param_groups": []}}, state_path)
+    with pytest.raises(BloodcellError, match="state.pt: the training state does not fit this run"):
+        resume()
+    torch.save([1, 2, 3], state_path)
+    with pytest.raises(BloodcellError, match=r"corrupt training state \(it lacks"):
+        resume()
+    torch.save(good, state_path)  # and the intact state still resumes
+    assert resume()["epochs"] == 2
+
+
+def test_history_written_before_the_load_column_still_reads(tmp_path):
+    from bloodcell.evaluation.evaluate import read_history
+
+    (tmp_path / "history.csv").write_text("epoch,train_acc,seconds,load\n1,0.5,10.0,\n2,0.6,9.5,2.04\n")
+    rows = read_history(tmp_path / "history.csv")
+    assert rows[0]["seconds"] == 10.0 and np.isnan(rows[0]["load"]) and rows[1]["load"] == 2.04
 
 
 def test_killed_run_keeps_its_checkpoint_and_resumes(prepared, tmp_path):
@@ -143,8 +187,7 @@ def test_killed_run_keeps_its_checkpoint_and_resumes(prepared, tmp_path):
     load_model(run / "last.safetensors")  # intact, not half-written
     subprocess.run(cmd(run, "--resume"), check=True, **quiet)
     subprocess.run(cmd(tmp_path / "straight"), check=True, **quiet)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert strip(history(run)) == strip(history(tmp_path / "straight"))
+    assert without_timing(history(run)) == without_timing(history(tmp_path / "straight"))
 
 
 def test_train_limit_and_size_mismatch(prepared, tmp_path):

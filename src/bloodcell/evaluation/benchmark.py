@@ -119,6 +119,8 @@ def run_row(run: Path) -> dict:
     row.update({k: tr.get(k) for k in ("first_epoch_seconds", "mean_epoch_seconds", "total_seconds")})
     row["settings"] = settings_text(cfg, test.get("checkpoint"))
     row["history"] = read_history(run / "history.csv")
+    load = row["history"][0].get("load") if row["history"] else None
+    row["first_epoch_load"] = None if load is None or np.isnan(load) else load  # runs before the column: unknown
     return row
 
 
@@ -226,7 +228,7 @@ def results_csv(groups: list[dict]) -> str:
 
 
 def runs_csv(groups: list[dict]) -> str:
-    header = ["label", "run", "model", "seed", "epochs", "checkpoint", "params_keras", *METRICS]
+    header = ["label", "run", "model", "seed", "epochs", "checkpoint", "params_keras", *METRICS, "first_epoch_load"]
     rows = [[g["label"], *(r.get(k) for k in header[1:])] for g in groups for r in g["runs"]]
     return csv_text(header, rows)
 

@@ -101,11 +101,12 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
 
 
 def read_history(path: Path) -> list[dict]:
-    """A run's history.csv as rows of floats (empty when the run has none yet)."""
+    """A run's history.csv as rows of floats (empty when the run has none yet; blank cells, such as the load of
+    epochs logged before that column existed, read as nan)."""
     if not path.is_file():
         return []
     with open(path) as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: float(v) if v else float("nan") for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def format_report(m: dict, class_names: list[str]) -> str:

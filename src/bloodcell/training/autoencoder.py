@@ -19,7 +19,7 @@ from torch import nn
 
 from bloodcell.data.tensors import Normalizer
 from bloodcell.io import csv_text, write_text
-from bloodcell.training.checkpoint import load_state_file, save_state
+from bloodcell.training.checkpoint import load_state_file, restore_training_state, save_state
 from bloodcell.training.config import TrainConfig
 
 AE_HISTORY_FIELDS = ["epoch", "train_mse", "val_mse", "seconds"]
@@ -61,11 +61,8 @@ def pretrain(model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, norm:
     n, bs, history, start = len(x_train), cfg.batch_size, [], 0
     state_path = out / PRETRAIN_STATE
     if state_path.is_file():
-        st = load_state_file(state_path)
-        autoencoder.load_state_dict(st["autoencoder"])
-        optimizer.load_state_dict(st["optimizer"])
-        gen.set_state(st["generator"])
-        torch.set_rng_state(st["torch_rng"])
+        st = load_state_file(state_path, ("autoencoder", "optimizer", "generator", "torch_rng", "history", "epoch"))
+        restore_training_state({**st, "model": st["autoencoder"]}, state_path, autoencoder, optimizer, gen)
         history, start = [dict(h) for h in st["history"]], st["epoch"] + 1
         log(f"resuming the autoencoder stage after epoch {start} of {epochs}")
     for epoch in range(start, epochs):

@@ -82,10 +82,27 @@ def save_state(path: str | Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_state_file(path: str | Path) -> dict:
+def load_state_file(path: str | Path, required: tuple[str, ...] = ()) -> dict:
+    """A saved training state, checked for the ``required`` keys so a truncated one fails here, by name."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise BloodcellError(f"{path}: no training state to resume from") from None
     except Exception as e:  # pickle/zip errors: a corrupt or foreign file
         raise BloodcellError(f"{path}: corrupt training state ({type(e).__name__}: {e})") from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise BloodcellError(f"{path}: corrupt training state (it lacks {missing}); delete it to start afresh")
+    return state
+
+
+def restore_training_state(state: dict, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           gen: torch.Generator) -> None:
+    """Put back weights, optimizer and generators; a state saved by another model fails by name, not traceback."""
+    load_state(model, state["model"], path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise BloodcellError(f"{path}: the training state does not fit this run ({e})") from None

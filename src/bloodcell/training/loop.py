@@ -27,11 +27,21 @@ from bloodcell.data.tensors import (
 from bloodcell.errors import BloodcellError
 from bloodcell.io import csv_text, read_json, write_json, write_text
 from bloodcell.models import count_params_keras, count_params_trainable, create_model, get_spec
-from bloodcell.training.checkpoint import load_state_file, save_state, save_weights
+from bloodcell.training.checkpoint import load_state_file, restore_training_state, save_state, save_weights
 from bloodcell.training.config import TrainConfig
 from bloodcell.training.schedules import lr_factor
 
-HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "load"]
+STATE_KEYS = ("model", "optimizer", "generator", "torch_rng", "history", "best", "epoch")
+PARTIAL_KEYS = ("next", "perm", "loss_sum", "correct", "seconds")
+
+
+def machine_load() -> float:
+    """The 1-minute load average: above the thread count, other work competed for the CPU (nan if unknown)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on Windows
+        return float("nan")
 
 
 def set_threads(threads: int | None) -> int:
@@ -131,14 +141,13 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     best = {"val_acc": -1.0, "epoch": -1}
     start, partial = 0, None
     if resume and state_path.is_file():
-        st = load_state_file(state_path)
-        model.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        gen.set_state(st["generator"])
-        torch.set_rng_state(st["torch_rng"])
-        history, best, start = st["history"], st["best"], st["epoch"] + 1
-        history = [dict(h) for h in history]
+        st = load_state_file(state_path, STATE_KEYS)
         partial = st.get("partial")  # set when the run was stopped inside epoch ``start + 1``
+        if partial is not None and (not isinstance(partial, dict) or set(PARTIAL_KEYS) - set(partial)):
+            raise BloodcellError(f"{state_path}: corrupt training state (the part-epoch record lacks "
+                                 f"{sorted(set(PARTIAL_KEYS) - set(partial or {}))}); delete it to start afresh")
+        restore_training_state(st, state_path, model, optimizer, gen)
+        history, best, start = [dict(h) for h in st["history"]], st["best"], st["epoch"] + 1
         if partial:
             log(f"resuming {out} in epoch {start + 1} of {cfg.epochs}, after {partial['next']} images")
         else:
@@ -175,10 +184,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         t0 = last_save = time.perf_counter()
         if partial:  # the generators were restored with the state, so the rest of the epoch replays exactly
             perm, first, loss_sum, correct = partial["perm"], partial["next"], partial["loss_sum"], partial["correct"]
+            loads = list(partial.get("loads", []))
             t0 -= partial["seconds"]
             partial = None
         else:
             perm, first, loss_sum, correct = torch.randperm(n, generator=gen), 0, 0.0, 0
+            loads = []
         bar = tqdm(range(first, n, bs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                    disable=not progress, leave=False, initial=first // bs, total=-(-n // bs))
         for i in bar:
@@ -193,9 +204,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            loads.append(machine_load())
             if time.perf_counter() - last_save >= save_every and i + bs < n:
                 save_checkpoint(epoch - 1, {"next": i + bs, "perm": perm, "loss_sum": loss_sum, "correct": correct,
-                                            "seconds": time.perf_counter() - t0})
+                                            "seconds": time.perf_counter() - t0, "loads": loads})
                 last_save = time.perf_counter()
         train_s = time.perf_counter() - t0
         val_logits = predict_logits(model, x_val, norm)
@@ -203,7 +215,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         val_acc = (val_logits.argmax(1) == y_val).float().mean().item()
         row = {"epoch": epoch + 1, "train_loss": round(loss_sum / n, 6), "train_acc": round(correct / n, 6),
                "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6), "lr": lr,
-               "seconds": round(time.perf_counter() - t0, 3)}
+               "seconds": round(time.perf_counter() - t0, 3), "load": round(float(np.mean(loads)), 2)}
         history.append(row)
         meta = weights_meta(cfg, data, norm_stats, epoch + 1)
         if val_acc > best["val_acc"]:
@@ -214,7 +226,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         save_checkpoint(epoch)
         log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}  "
             f"val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s "
-            f"(train {train_s:.1f}s)")
+            f"(train {train_s:.1f}s, load {row['load']:.2f})")
 
     secs = [h["seconds"] for h in history]
     summary = {
