@@ -206,6 +206,12 @@ def test_benchmark_cli(tiny, tmp_path, capsys):
     assert "cnn-t2-2" in capsys.readouterr().out
     md = (tmp_path / "b" / "paper-table2" / "RESULTS.md").read_text()
     assert f"`bloodcell benchmark paper-table2 --data tiny --seeds 0 --size 28 --epochs 1 --out {out}`" in md
+    # A run at other epochs gets its own command, naming only its entries.
+    assert main(["benchmark", "paper-table2", "--data", "tiny", "--size", "28", "--models", "cnn-t2-1",
+                 "--epochs", "2", "--threads", "1", "--out", out]) == 0
+    md = (tmp_path / "b" / "paper-table2" / "RESULTS.md").read_text()
+    cmd = "`bloodcell benchmark paper-table2 --data tiny --models {} --seeds 0 --size 28 --epochs {} --out {}`"
+    assert f"{cmd.format('cnn-t2-1', 2, out)}; {cmd.format('cnn-t2-2', 1, out)}" in md
     assert main(["benchmark", "compare", str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
     assert main(["benchmark", "compare", str(tmp_path / "missing")]) == 2
 

@@ -323,7 +323,8 @@ def suite_report(suite_name: str, out: str | Path) -> dict:
     suite = get_suite(suite_name)
     root = Path(out) / suite.name
     rows, labels, entries = [], [], {}
-    seeds, data, sizes, epoch_overrides = set(), set(), set(), set()
+    data, sizes = set(), set()
+    settings: dict[str, tuple[set, int | None]] = {}  # entry -> (seeds, epochs if not the suite's)
     for entry in suite.entries:
         d = root / entry.name
         for run in sorted(d.glob("seed*"), key=lambda p: p.name) if d.is_dir() else []:
@@ -332,19 +333,25 @@ def suite_report(suite_name: str, out: str | Path) -> dict:
                 cfg = TrainConfig.load(run / "config.json")
                 rows.append(run_row(run))
                 labels.append(entry.name)
-                seeds.add(cfg.seed)
                 data.add(cfg.data)
                 sizes.add(cfg.size)
-                if cfg.epochs != entry.config["epochs"]:
-                    epoch_overrides.add(cfg.epochs)
+                seeds, _ = settings.get(entry.name, (set(), None))
+                seeds.add(cfg.seed)
+                settings[entry.name] = (seeds, cfg.epochs if cfg.epochs != entry.config["epochs"] else None)
         entries[entry.name] = entry
     groups = group_rows(rows, labels)
     for g in groups:
         g["paper"], g["note"] = entries[g["label"]].paper, entries[g["label"]].note
-    reproduce = (f"bloodcell benchmark {suite.name} --data {','.join(sorted(data))} "
-                 f"--seeds {','.join(map(str, sorted(seeds)))}"
-                 + "".join(f" --size {s}" for s in sorted(sizes) if s != 64)
-                 + "".join(f" --epochs {e}" for e in sorted(epoch_overrides)) + f" --out {out}")
+    # One command per distinct (seeds, epochs) setting, so an --epochs override names only the entries it applied to.
+    by_setting: dict[tuple, list[str]] = {}
+    for name, (seeds, epochs) in settings.items():
+        by_setting.setdefault((tuple(sorted(seeds)), epochs), []).append(name)
+    size = "".join(f" --size {s}" for s in sorted(sizes) if s != 64)
+    reproduce = "`; `".join(
+        f"bloodcell benchmark {suite.name} --data {','.join(sorted(data))}"
+        + (f" --models {','.join(names)}" if len(by_setting) > 1 else "")
+        + f" --seeds {','.join(map(str, seeds))}{size}" + (f" --epochs {epochs}" if epochs else "") + f" --out {out}"
+        for (seeds, epochs), names in by_setting.items())
     pending = [e.name for e in suite.entries if e.name not in {g["label"] for g in groups}]
     return write_report(groups, root, suite.title, suite.description, suite.paper_source, reproduce, pending)
 
