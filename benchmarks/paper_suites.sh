@@ -24,13 +24,13 @@ steps=(
   "$B paper-table3 $D --models se-vgg15,cbam-vgg15,sa-vgg15"              # 6 VGG15 attention, seed 0
   "$B paper-table3 $D --models resnet34,resnet34-sound"                   # 7 ResNet34 at paper and sound settings
   "$B paper-table3 $D --models se-vgg15,cbam-vgg15 --seeds 0,1,2"         # 8 three seeds, VGG15 attention
-  "$B paper-table3 $D --models cnn --epochs 10; $B paper-table3 $D --models inception --epochs 10"  # 9 ~33 min/epoch each: ~11 h (see below)
-  "$B paper-table3 $D --models inception-sound --epochs 10"               # 10 another ~5.5 h
+  "$B paper-table3 $D --models cnn --epochs 10; $B paper-table3 $D --models inception --epochs 10"  # 9 measured: CNN 34 min/epoch, Inception 42: ~13 h
+  "$B paper-table3 $D --models inception-sound --epochs 10"               # 10 another ~7 h
 )
 # Steps 9-10 run 10 epochs, not the paper's 20: under the paper's compounding schedule the learning rates of
 # epochs 11-20 add up to 0.15% of those of epochs 1-10 (lr <= 4.1e-6), so the last 10 epochs barely move the
-# weights, while each costs ~33 minutes on 2 CPU cores
-# (benchmarks/results/speed_options.md). The report shows each entry's epoch count.
+# weights, while each costs 34 (CNN) to 42 (Inception) minutes on 2 CPU cores
+# (mean epoch seconds in benchmarks/results/paper/paper-table3/runs.csv). The report shows each entry's epoch count.
 # A fresh clone has no runs/: put the committed finished runs back so they are skipped, not re-trained, and each
 # suite report still covers every row. An interrupted run's checkpoint is not committed, so it starts again.
 python benchmarks/sync_paper_results.py --restore
