@@ -166,6 +166,8 @@ def test_seed_aggregation_and_the_table_writers(tmp_path):
     assert groups[1]["paper"]["accuracy"] == 0.9377  # Table 3 looked up by model name
     oversampled = benchmark.group_rows([{**fake_row(0, 0.9, 0.9), "balance": "smote"}], ["x"])
     assert oversampled[0]["paper"] == {}  # Table 3 numbers do not describe a rebalanced training set
+    mixed = benchmark.group_rows([fake_row(0, 0.9, 0.9), {**fake_row(1, 0.8, 0.8), "settings": "10 ep"}], ["x", "x"])
+    assert [(g["label"], g["entry"], len(g["runs"])) for g in mixed] == [("x (2 ep)", "x", 1), ("x (10 ep)", "x", 1)]
     r = benchmark.write_report(groups, tmp_path / "rep", "T", "D", "P", "bloodcell benchmark x")
     md = (tmp_path / "rep" / "RESULTS.md").read_text()
     assert "| se-cnn | se-cnn | 3 | 466,632 | 0.9700 ± 0.0100 | 0.9792 | -0.92 |" in md
@@ -212,6 +214,12 @@ def test_benchmark_cli(tiny, tmp_path, capsys):
     md = (tmp_path / "b" / "paper-table2" / "RESULTS.md").read_text()
     cmd = "`bloodcell benchmark paper-table2 --data tiny --models {} --seeds 0 --size 28 --epochs {} --out {}`"
     assert f"{cmd.format('cnn-t2-1', 2, out)}; {cmd.format('cnn-t2-2', 1, out)}" in md
+    # Seeds of one entry at different epochs are reported apart, never averaged, and reproduced apart.
+    assert main(["benchmark", "paper-table2", "--data", "tiny", "--size", "28", "--models", "cnn-t2-1",
+                 "--seeds", "1", "--epochs", "1", "--threads", "1", "--out", out]) == 0
+    md = (tmp_path / "b" / "paper-table2" / "RESULTS.md").read_text()
+    assert "\n| cnn-t2-1 (2 ep" in md and "\n| cnn-t2-1 (1 ep" in md and "\n| cnn-t2-1 |" not in md
+    assert cmd.format("cnn-t2-1", 1, out).replace("--seeds 0", "--seeds 1") in md
     assert main(["benchmark", "compare", str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
     assert main(["benchmark", "compare", str(tmp_path / "missing")]) == 2
 

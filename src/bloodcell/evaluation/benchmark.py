@@ -177,14 +177,21 @@ def aggregate(rows: list[dict]) -> dict:
 
 
 def group_rows(rows: list[dict], labels: list[str]) -> list[dict]:
-    """Rows grouped by label, in first-seen order, each with its aggregate."""
+    """Rows grouped by label and settings, in first-seen order, each with its aggregate.
+
+    Runs of one label with different settings (say seed 0 at 10 epochs, seed 1 at 20) are never averaged together:
+    each setting gets its own group, labelled "label (settings)"; `entry` keeps the plain label.
+    """
     from bloodcell.evaluation.suites import paper_numbers
 
-    groups: dict[str, dict] = {}
+    groups: dict[tuple[str, str], dict] = {}
     for label, row in zip(labels, rows):
-        g = groups.setdefault(label, {"label": label, "runs": []})
+        g = groups.setdefault((label, row["settings"]), {"label": label, "entry": label, "runs": []})
         g["runs"].append(row)
-    for g in groups.values():
+    split = {label for label, _ in groups if sum(k[0] == label for k in groups) > 1}
+    for (label, settings), g in groups.items():
+        if label in split:
+            g["label"] = f"{label} ({settings})"
         g["runs"].sort(key=lambda r: r["seed"])
         models = {r["model"] for r in g["runs"]}
         g["model"] = models.pop() if len(models) == 1 else "mixed"
@@ -324,7 +331,7 @@ def suite_report(suite_name: str, out: str | Path) -> dict:
     root = Path(out) / suite.name
     rows, labels, entries = [], [], {}
     data, sizes = set(), set()
-    settings: dict[str, tuple[set, int | None]] = {}  # entry -> (seeds, epochs if not the suite's)
+    settings: dict[tuple[str, int | None], set] = {}  # (entry, epochs if not the suite's) -> seeds
     for entry in suite.entries:
         d = root / entry.name
         for run in sorted(d.glob("seed*"), key=lambda p: p.name) if d.is_dir() else []:
@@ -335,16 +342,15 @@ def suite_report(suite_name: str, out: str | Path) -> dict:
                 labels.append(entry.name)
                 data.add(cfg.data)
                 sizes.add(cfg.size)
-                seeds, _ = settings.get(entry.name, (set(), None))
-                seeds.add(cfg.seed)
-                settings[entry.name] = (seeds, cfg.epochs if cfg.epochs != entry.config["epochs"] else None)
+                epochs = cfg.epochs if cfg.epochs != entry.config["epochs"] else None
+                settings.setdefault((entry.name, epochs), set()).add(cfg.seed)
         entries[entry.name] = entry
     groups = group_rows(rows, labels)
     for g in groups:
-        g["paper"], g["note"] = entries[g["label"]].paper, entries[g["label"]].note
+        g["paper"], g["note"] = entries[g["entry"]].paper, entries[g["entry"]].note
     # One command per distinct (seeds, epochs) setting, so an --epochs override names only the entries it applied to.
     by_setting: dict[tuple, list[str]] = {}
-    for name, (seeds, epochs) in settings.items():
+    for (name, epochs), seeds in settings.items():
         by_setting.setdefault((tuple(sorted(seeds)), epochs), []).append(name)
     size = "".join(f" --size {s}" for s in sorted(sizes) if s != 64)
     reproduce = "`; `".join(
@@ -352,7 +358,7 @@ def suite_report(suite_name: str, out: str | Path) -> dict:
         + (f" --models {','.join(names)}" if len(by_setting) > 1 else "")
         + f" --seeds {','.join(map(str, seeds))}{size}" + (f" --epochs {epochs}" if epochs else "") + f" --out {out}"
         for (seeds, epochs), names in by_setting.items())
-    pending = [e.name for e in suite.entries if e.name not in {g["label"] for g in groups}]
+    pending = [e.name for e in suite.entries if e.name not in {g["entry"] for g in groups}]
     return write_report(groups, root, suite.title, suite.description, suite.paper_source, reproduce, pending)
 
 
