@@ -30,7 +30,7 @@ steps=(
 # Steps 9-10 run 10 epochs, not the paper's 20: under the paper's compounding schedule the learning rates of
 # epochs 11-20 add up to 0.15% of those of epochs 1-10 (lr <= 4.1e-6), so the last 10 epochs barely move the
 # weights, while each costs 34 (CNN) to 42 (Inception) minutes on 2 CPU cores
-# (mean epoch seconds in benchmarks/results/paper/paper-table3/runs.csv). The report shows each entry's epoch count.
+# (history.csv of each run; runs.csv gives the mean once a run is finished). The report shows each entry's epoch count.
 # A fresh clone has no runs/: put the committed finished runs back so they are skipped, not re-trained, and each
 # suite report still covers every row. An interrupted run's checkpoint is not committed, so it starts again.
 python benchmarks/sync_paper_results.py --restore
