@@ -220,6 +220,13 @@ def test_benchmark_cli(tiny, tmp_path, capsys):
     md = (tmp_path / "b" / "paper-table2" / "RESULTS.md").read_text()
     assert "\n| cnn-t2-1 (2 ep" in md and "\n| cnn-t2-1 (1 ep" in md and "\n| cnn-t2-1 |" not in md
     assert cmd.format("cnn-t2-1", 1, out).replace("--seeds 0", "--seeds 1") in md
+    # Runs on other data or at another size are never joined into one --data or --size list.
+    cfg_path = tmp_path / "b" / "paper-table2" / "cnn-t2-2" / "seed0" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "data": "other", "size": 64}))
+    md = benchmark.suite_report("paper-table2", out)["markdown"]
+    assert f"`bloodcell benchmark paper-table2 --data other --models cnn-t2-2 --seeds 0 --epochs 1 --out {out}`" in md
+    assert "tiny,other" not in md and "other,tiny" not in md
     assert main(["benchmark", "compare", str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
     assert main(["benchmark", "compare", str(tmp_path / "missing")]) == 2
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -188,9 +189,9 @@ def group_rows(rows: list[dict], labels: list[str]) -> list[dict]:
     for label, row in zip(labels, rows):
         g = groups.setdefault((label, row["settings"]), {"label": label, "entry": label, "runs": []})
         g["runs"].append(row)
-    split = {label for label, _ in groups if sum(k[0] == label for k in groups) > 1}
+    settings_per_label = Counter(label for label, _ in groups)
     for (label, settings), g in groups.items():
-        if label in split:
+        if settings_per_label[label] > 1:
             g["label"] = f"{label} ({settings})"
         g["runs"].sort(key=lambda r: r["seed"])
         models = {r["model"] for r in g["runs"]}
@@ -330,8 +331,7 @@ def suite_report(suite_name: str, out: str | Path) -> dict:
     suite = get_suite(suite_name)
     root = Path(out) / suite.name
     rows, labels, entries = [], [], {}
-    data, sizes = set(), set()
-    settings: dict[tuple[str, int | None], set] = {}  # (entry, epochs if not the suite's) -> seeds
+    settings: dict[tuple, set] = {}  # (entry, data, size, epochs if not the suite's) -> seeds
     for entry in suite.entries:
         d = root / entry.name
         for run in sorted(d.glob("seed*"), key=lambda p: p.name) if d.is_dir() else []:
@@ -340,24 +340,22 @@ def suite_report(suite_name: str, out: str | Path) -> dict:
                 cfg = TrainConfig.load(run / "config.json")
                 rows.append(run_row(run))
                 labels.append(entry.name)
-                data.add(cfg.data)
-                sizes.add(cfg.size)
                 epochs = cfg.epochs if cfg.epochs != entry.config["epochs"] else None
-                settings.setdefault((entry.name, epochs), set()).add(cfg.seed)
+                settings.setdefault((entry.name, cfg.data, cfg.size, epochs), set()).add(cfg.seed)
         entries[entry.name] = entry
     groups = group_rows(rows, labels)
     for g in groups:
         g["paper"], g["note"] = entries[g["entry"]].paper, entries[g["entry"]].note
-    # One command per distinct (seeds, epochs) setting, so an --epochs override names only the entries it applied to.
+    # One command per distinct (data, size, seeds, epochs), so each option names only the entries it applied to.
     by_setting: dict[tuple, list[str]] = {}
-    for (name, epochs), seeds in settings.items():
-        by_setting.setdefault((tuple(sorted(seeds)), epochs), []).append(name)
-    size = "".join(f" --size {s}" for s in sorted(sizes) if s != 64)
+    for (name, data, size, epochs), seeds in settings.items():
+        by_setting.setdefault((data, size, tuple(sorted(seeds)), epochs), []).append(name)
     reproduce = "`; `".join(
-        f"bloodcell benchmark {suite.name} --data {','.join(sorted(data))}"
+        f"bloodcell benchmark {suite.name} --data {data}"
         + (f" --models {','.join(names)}" if len(by_setting) > 1 else "")
-        + f" --seeds {','.join(map(str, seeds))}{size}" + (f" --epochs {epochs}" if epochs else "") + f" --out {out}"
-        for (seeds, epochs), names in by_setting.items())
+        + f" --seeds {','.join(map(str, seeds))}" + (f" --size {size}" if size != 64 else "")
+        + (f" --epochs {epochs}" if epochs else "") + f" --out {out}"
+        for (data, size, seeds, epochs), names in by_setting.items())
     pending = [e.name for e in suite.entries if e.name not in {g["entry"] for g in groups}]
     return write_report(groups, root, suite.title, suite.description, suite.paper_source, reproduce, pending)
 
