@@ -3,6 +3,7 @@
 import csv
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -220,12 +221,15 @@ def test_benchmark_cli(tiny, tmp_path, capsys):
     md = (tmp_path / "b" / "paper-table2" / "RESULTS.md").read_text()
     assert "\n| cnn-t2-1 (2 ep" in md and "\n| cnn-t2-1 (1 ep" in md and "\n| cnn-t2-1 |" not in md
     assert cmd.format("cnn-t2-1", 1, out).replace("--seeds 0", "--seeds 1") in md
-    # Runs on other data or at another size are never joined into one --data or --size list.
-    cfg_path = tmp_path / "b" / "paper-table2" / "cnn-t2-2" / "seed0" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({**cfg, "data": "other", "size": 64}))
+    # Runs on other data or at another size are never averaged together, nor joined into one --data or --size list.
+    entry = tmp_path / "b" / "paper-table2" / "cnn-t2-2"
+    shutil.copytree(entry / "seed0", entry / "seed1")
+    cfg = json.loads((entry / "seed1" / "config.json").read_text())
+    (entry / "seed1" / "config.json").write_text(json.dumps({**cfg, "seed": 1, "data": "other", "size": 64}))
     md = benchmark.suite_report("paper-table2", out)["markdown"]
-    assert f"`bloodcell benchmark paper-table2 --data other --models cnn-t2-2 --seeds 0 --epochs 1 --out {out}`" in md
+    assert "\n| cnn-t2-2 (1 ep" in md and "\n| cnn-t2-2 |" not in md
+    assert "tiny 28px) | cnn-t2-2 | 1 |" in md and "other 64px) | cnn-t2-2 | 1 |" in md
+    assert f"`bloodcell benchmark paper-table2 --data other --models cnn-t2-2 --seeds 1 --epochs 1 --out {out}`" in md
     assert "tiny,other" not in md and "other,tiny" not in md
     assert main(["benchmark", "compare", str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
     assert main(["benchmark", "compare", str(tmp_path / "missing")]) == 2

@@ -137,6 +137,7 @@ def settings_text(cfg: TrainConfig, checkpoint: str | None) -> str:
     if cfg.model_args:
         parts.append(" ".join(f"{k}={v}" for k, v in sorted(cfg.model_args.items())))
     parts.append(f"{checkpoint} ckpt")
+    parts.append(f"{cfg.data} {cfg.size}px")  # runs on other data or sizes must never share a mean
     return ", ".join(parts)
 
 
