@@ -231,6 +231,14 @@ def test_benchmark_cli(tiny, tmp_path, capsys):
     assert "tiny 28px) | cnn-t2-2 | 1 |" in md and "other 64px) | cnn-t2-2 | 1 |" in md
     assert f"`bloodcell benchmark paper-table2 --data other --models cnn-t2-2 --seeds 1 --epochs 1 --out {out}`" in md
     assert "tiny,other" not in md and "other,tiny" not in md
+    # A run under bf16 autocast is reported apart from fp32 runs and reproduced with --precision bf16.
+    shutil.copytree(entry / "seed0", entry / "seed2")
+    cfg0 = json.loads((entry / "seed0" / "config.json").read_text())
+    (entry / "seed2" / "config.json").write_text(json.dumps({**cfg0, "seed": 2, "precision": "bf16"}))
+    md = benchmark.suite_report("paper-table2", out)["markdown"]
+    assert "bf16 autocast, last ckpt, tiny 28px) | cnn-t2-2 | 1 |" in md and "bf16 autocast" not in cfg0
+    assert f"--models cnn-t2-2 --seeds 2 --size 28 --epochs 1 --precision bf16 --out {out}`" in md
+    assert f"--models cnn-t2-2 --seeds 0 --size 28 --epochs 1 --out {out}`" in md
     assert main(["benchmark", "compare", str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
     assert main(["benchmark", "compare", str(tmp_path / "missing")]) == 2
 
@@ -273,7 +281,8 @@ def test_paper_suites_script_runs_seeds_one_at_a_time_and_syncs_after_each(tmp_p
         (fake / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\n')
         (fake / tool).chmod(0o755)
     (fake / "activate").write_text(f'PATH="{fake}:$PATH"\n')
-    subprocess.run(["bash", "benchmarks/paper_suites.sh", "8", "9"], cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(["bash", "benchmarks/paper_suites.sh", "8", "9", "10"], cwd=tmp_path, check=True,
+                   capture_output=True)
     d = "--data pbc --out runs/benchmarks"
     sync = "python benchmarks/sync_paper_results.py"
     assert calls.read_text().splitlines() == [
@@ -282,4 +291,5 @@ def test_paper_suites_script_runs_seeds_one_at_a_time_and_syncs_after_each(tmp_p
           (f"bloodcell benchmark paper-table3 {d} --models se-vgg15,cbam-vgg15 --seeds {s}", sync)],
         f"bloodcell benchmark paper-table3 {d} --models cnn --epochs 10", sync,
         f"bloodcell benchmark paper-table3 {d} --models inception --epochs 10", sync,
+        f"bloodcell benchmark paper-table3 {d} --models inception-sound --epochs 10 --precision bf16", sync,
     ]

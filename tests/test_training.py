@@ -62,6 +62,23 @@ def test_run_folder_contents(prepared, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["training"]["params_keras"] > 0
 
 
+def test_bf16_autocast_trains_fp32_weights_and_is_recorded(prepared, tmp_path):
+    from bloodcell.cli import PRECISIONS
+    from bloodcell.training.config import PRECISIONS as CONFIG_PRECISIONS
+
+    assert PRECISIONS == CONFIG_PRECISIONS
+    with pytest.raises(BloodcellError, match="unknown precision 'fp16'"):
+        TrainConfig(**FAST, precision="fp16").validate()
+    train(TrainConfig(**FAST, epochs=1), tmp_path / "fp32", log=lambda s: None)
+    train(TrainConfig(**FAST, epochs=1, precision="bf16"), tmp_path / "bf16", log=lambda s: None)
+    assert TrainConfig.load(tmp_path / "bf16" / "config.json").precision == "bf16"
+    w32, w16 = load_file(tmp_path / "fp32" / "last.safetensors"), load_file(tmp_path / "bf16" / "last.safetensors")
+    assert all(w16[k].dtype == w32[k].dtype for k in w32)  # master weights stay fp32
+    conv = next(k for k in w32 if k.endswith("weight") and w32[k].dim() == 4)
+    assert not torch.equal(w32[conv], w16[conv])  # the forward pass really ran in bf16
+    assert torch.allclose(w32[conv], w16[conv], atol=0.05)  # ...and trained the same way
+
+
 def test_same_seed_gives_identical_results(prepared, tmp_path):
     cfg = TrainConfig(**FAST, epochs=2, augment="flip")
     train(cfg, tmp_path / "a", log=lambda s: None)

@@ -12,6 +12,10 @@ from bloodcell.errors import BloodcellError
 from bloodcell.io import markdown_table
 
 DATA_HELP = "a prepared dataset's name, or a MedMNIST-format .npz file (default: %(default)s)"
+PRECISIONS = ("fp32", "bf16")  # as training.config.PRECISIONS, kept here so --help does not import torch
+PRECISION_HELP = ("'bf16': train under CPU bf16 autocast (weights stay fp32; validation and tests run in fp32), "
+                  "about 3x faster for large models on CPUs with AMX or AVX-512 BF16 and much slower on CPUs "
+                  "without them; see benchmarks/model_throughput.py (default: %(default)s)")
 DIR_HELP = "folder of prepared datasets (default: $BLOODCELL_DATA_DIR, else the user cache folder)"
 
 
@@ -154,7 +158,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         epochs=a.epochs or 20, batch_size=a.batch_size,
         seed=a.seed, optimizer=a.optimizer, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         schedule=a.schedule, normalize=a.normalize, augment=a.augment, label_smoothing=a.label_smoothing,
-        train_limit=a.train_limit, threads=a.threads, balance=a.balance,
+        train_limit=a.train_limit, threads=a.threads, balance=a.balance, precision=a.precision,
     ).validate()
     data_tag = Path(a.data).stem if a.data.endswith(".npz") else a.data
     out = Path(a.out) if a.out else Path("runs") / f"{a.model}_{data_tag}{a.size}_seed{a.seed}"
@@ -299,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-limit", type=int, default=None,
                     help="train on a stratified subset of this many images (for quick checks)")
     tr.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    tr.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     tr.add_argument("--out", help="run folder (default: runs/MODEL_DATASIZE_seedSEED)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out where it stopped: after its last epoch, or inside an epoch "

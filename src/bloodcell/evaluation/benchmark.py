@@ -30,8 +30,8 @@ FLAG_POINTS = 1.5  # differences from the paper larger than this many points are
 
 # ---------------------------------------------------------------- running a suite
 def entry_config(config: dict, seed: int, data: str, size: int, data_dir: str | None, epochs: int | None,
-                 threads: int | None) -> TrainConfig:
-    d = dict(config, seed=seed, data=data, size=size, data_dir=data_dir, threads=threads)
+                 threads: int | None, precision: str = "fp32") -> TrainConfig:
+    d = dict(config, seed=seed, data=data, size=size, data_dir=data_dir, threads=threads, precision=precision)
     if epochs:
         d["epochs"] = epochs
     return TrainConfig(**d).validate()
@@ -58,7 +58,7 @@ def run_state(run: Path, cfg: TrainConfig, checkpoint: str) -> str:
 
 def run_suite(suite_name: str, seeds: list[int], out: str | Path, data: str = "bloodmnist", size: int = 64,
               data_dir: str | None = None, epochs: int | None = None, models: list[str] | None = None,
-              threads: int | None = None, plan_only: bool = False, log=print) -> dict:
+              threads: int | None = None, precision: str = "fp32", plan_only: bool = False, log=print) -> dict:
     """Train and test every selected entry for every seed, skipping finished runs; then write the report."""
     from bloodcell.data.store import load_dataset
     from bloodcell.evaluation.suites import get_suite
@@ -70,7 +70,7 @@ def run_suite(suite_name: str, seeds: list[int], out: str | Path, data: str = "b
     for entry in suite.select(models):
         for seed in seeds:
             run = root / entry.name / f"seed{seed}"
-            cfg = entry_config(entry.config, seed, data, size, data_dir, epochs, threads)
+            cfg = entry_config(entry.config, seed, data, size, data_dir, epochs, threads, precision)
             jobs.append((entry, run, cfg, run_state(run, cfg, entry.checkpoint)))
     for _, run, cfg, state in jobs:
         log(f"{state:<9}{run}  ({cfg.model}, {cfg.epochs} epochs, {cfg.schedule} schedule, balance {cfg.balance})")
@@ -136,6 +136,8 @@ def settings_text(cfg: TrainConfig, checkpoint: str | None) -> str:
         parts.append(f"balance {cfg.balance}")
     if cfg.model_args:
         parts.append(" ".join(f"{k}={v}" for k, v in sorted(cfg.model_args.items())))
+    if cfg.precision != "fp32":
+        parts.append(f"{cfg.precision} autocast")
     parts.append(f"{checkpoint} ckpt")
     parts.append(f"{cfg.data} {cfg.size}px")  # runs on other data or sizes must never share a mean
     return ", ".join(parts)
@@ -332,7 +334,7 @@ def suite_report(suite_name: str, out: str | Path) -> dict:
     suite = get_suite(suite_name)
     root = Path(out) / suite.name
     rows, labels, entries = [], [], {}
-    settings: dict[tuple, set] = {}  # (entry, data, size, epochs if not the suite's) -> seeds
+    settings: dict[tuple, set] = {}  # (entry, data, size, epochs if not the suite's, precision) -> seeds
     for entry in suite.entries:
         d = root / entry.name
         for run in sorted(d.glob("seed*"), key=lambda p: p.name) if d.is_dir() else []:
@@ -342,21 +344,22 @@ def suite_report(suite_name: str, out: str | Path) -> dict:
                 rows.append(run_row(run))
                 labels.append(entry.name)
                 epochs = cfg.epochs if cfg.epochs != entry.config["epochs"] else None
-                settings.setdefault((entry.name, cfg.data, cfg.size, epochs), set()).add(cfg.seed)
+                settings.setdefault((entry.name, cfg.data, cfg.size, epochs, cfg.precision), set()).add(cfg.seed)
         entries[entry.name] = entry
     groups = group_rows(rows, labels)
     for g in groups:
         g["paper"], g["note"] = entries[g["entry"]].paper, entries[g["entry"]].note
-    # One command per distinct (data, size, seeds, epochs), so each option names only the entries it applied to.
+    # One command per distinct (data, size, seeds, epochs, precision), so each option names only its entries.
     by_setting: dict[tuple, list[str]] = {}
-    for (name, data, size, epochs), seeds in settings.items():
-        by_setting.setdefault((data, size, tuple(sorted(seeds)), epochs), []).append(name)
+    for (name, data, size, epochs, precision), seeds in settings.items():
+        by_setting.setdefault((data, size, tuple(sorted(seeds)), epochs, precision), []).append(name)
     reproduce = "`; `".join(
         f"bloodcell benchmark {suite.name} --data {data}"
         + (f" --models {','.join(names)}" if len(by_setting) > 1 else "")
         + f" --seeds {','.join(map(str, seeds))}" + (f" --size {size}" if size != 64 else "")
-        + (f" --epochs {epochs}" if epochs else "") + f" --out {out}"
-        for (data, size, seeds, epochs), names in by_setting.items())
+        + (f" --epochs {epochs}" if epochs else "") + (f" --precision {precision}" if precision != "fp32" else "")
+        + f" --out {out}"
+        for (data, size, seeds, epochs, precision), names in by_setting.items())
     pending = [e.name for e in suite.entries if e.name not in {g["entry"] for g in groups}]
     return write_report(groups, root, suite.title, suite.description, suite.paper_source, reproduce, pending)
 

@@ -27,7 +27,7 @@ def cmd_benchmark_suite(a: argparse.Namespace) -> int:
         if not a.seeds:
             raise BloodcellError("--seeds needs at least one seed")
         r = run_suite(a.suite, a.seeds, a.out, a.data, a.size, a.data_dir, a.epochs, a.models, a.threads,
-                      plan_only=a.plan)
+                      a.precision, plan_only=a.plan)
         if a.plan:
             return 0
     _print_summary(r)
@@ -51,7 +51,7 @@ def _print_summary(r: dict) -> None:
 
 
 def add_commands(sub, data_sub) -> None:
-    from bloodcell.cli import DIR_HELP
+    from bloodcell.cli import DIR_HELP, PRECISION_HELP, PRECISIONS
     from bloodcell.evaluation.suites import SUITES
 
     be = sub.add_parser(
@@ -76,6 +76,7 @@ def add_commands(sub, data_sub) -> None:
                        help="image size in pixels (default: %(default)s, the paper's)")
         p.add_argument("--data-dir", default=None, help=DIR_HELP)
         p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+        p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
         p.add_argument("--plan", action="store_true", help="only list the runs and whether each is new, "
                        "interrupted (resume), trained (evaluate) or done")
         p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")

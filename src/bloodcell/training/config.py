@@ -13,6 +13,7 @@ SCHEDULES = ("paper", "exp", "cosine", "constant")
 AUGMENTS = ("none", "flip", "dihedral")
 BALANCES = ("none", "augment", "smote", "class-weight")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -38,6 +39,9 @@ class TrainConfig:
     balance: str = "none"  # oversample the training split ("augment", "smote") or weigh the loss ("class-weight")
     train_limit: int | None = None  # use only the first N training images (stratified), for smoke tests
     threads: int | None = None
+    # "bf16": training forward passes under CPU bf16 autocast (fp32 master weights; validation and tests stay fp32).
+    # About 3x faster for the big models on CPUs with AMX/AVX-512 BF16, far slower on CPUs without them.
+    precision: str = "fp32"
 
     def validate(self) -> TrainConfig:
         if self.schedule not in SCHEDULES:
@@ -46,6 +50,8 @@ class TrainConfig:
             raise BloodcellError(f"unknown augmentation '{self.augment}' (known: {', '.join(AUGMENTS)})")
         if self.balance not in BALANCES:
             raise BloodcellError(f"unknown balancing '{self.balance}' (known: {', '.join(BALANCES)})")
+        if self.precision not in PRECISIONS:
+            raise BloodcellError(f"unknown precision '{self.precision}' (known: {', '.join(PRECISIONS)})")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise BloodcellError(f"unknown optimizer '{self.optimizer}' (known: {', '.join(OPTIMIZERS)})")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:

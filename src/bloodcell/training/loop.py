@@ -196,8 +196,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             idx = perm[i : i + bs]
             xb = augment_batch(x_train[idx], cfg.augment, gen)
             yb = y_train[idx]
-            logits = model(norm(xb))
-            loss = F.cross_entropy(logits, yb, weight=loss_weight, label_smoothing=cfg.label_smoothing)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                logits = model(norm(xb))
+                loss = F.cross_entropy(logits, yb, weight=loss_weight, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
