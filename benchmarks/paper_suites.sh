@@ -28,9 +28,9 @@ steps=(
   "$B paper-table3 $D --models inception-sound --epochs 10 --precision bf16"  # 10 ~1.7 h under bf16 (below)
 )
 # Step 10 runs under bf16 autocast: on an Intel Xeon with AMX/AVX-512 BF16 that trains Inception 2.9x faster than
-# fp32 (24.2 vs 8.3 images/s, benchmarks/model_throughput.py), so the run fits in one 3-hour session; in fp32 it
-# needs about 6.5 h, more than a session, and its part-run state did not survive into this one. On a CPU without bf16 units drop
-# --precision bf16 (bf16 is then emulated and several times slower).
+# fp32 (24.2 vs 8.3 images/s, benchmarks/results/bf16/model_throughput_amx.md), so the run fits in one 3-hour
+# session (it took 1.9 h); in fp32 it needs about 6.5 h, and its part-run state did not survive between sessions.
+# On a CPU without bf16 units drop --precision bf16 (bf16 is then emulated and several times slower).
 # Steps 9-10 run 10 epochs, not the paper's 20: under the paper's compounding schedule the learning rates of
 # epochs 11-20 add up to 0.15% of those of epochs 1-10 (lr <= 4.1e-6), so the last 10 epochs barely move the
 # weights, while each costs 34 (CNN) to 42 (Inception) minutes on 2 CPU cores
