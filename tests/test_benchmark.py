@@ -15,6 +15,7 @@ from bloodcell.cli import main
 from bloodcell.data.sources import prepare_from_npz
 from bloodcell.errors import BloodcellError
 from bloodcell.evaluation import benchmark, suites
+from bloodcell.evaluation.machine import cpu_name
 from bloodcell.models import create_model, list_models
 from bloodcell.training import TrainConfig, train
 
@@ -235,13 +236,27 @@ def test_benchmark_cli(tiny, tmp_path, capsys):
     shutil.copytree(entry / "seed0", entry / "seed2")
     cfg0 = json.loads((entry / "seed0" / "config.json").read_text())
     (entry / "seed2" / "config.json").write_text(json.dumps({**cfg0, "seed": 2, "precision": "bf16"}))
+    metrics = json.loads((entry / "seed2" / "metrics.json").read_text())
+    del metrics["training"]["machine"]  # as in runs trained before runs recorded their machine
+    (entry / "seed2" / "metrics.json").write_text(json.dumps(metrics))
     md = benchmark.suite_report("paper-table2", out)["markdown"]
+    assert f"Trained on: {cpu_name()} (4 runs); not recorded (1 run). Report written on: {cpu_name()}" in md
     assert "bf16 autocast, last ckpt, tiny 28px) | cnn-t2-2 | 1 |" in md
     assert "paper, last ckpt, tiny 28px) | cnn-t2-2 | 1 |" in md  # the fp32 seed 0 keeps its own row
     assert f"--models cnn-t2-2 --seeds 2 --size 28 --epochs 1 --precision bf16 --out {out}`" in md
     assert f"--models cnn-t2-2 --seeds 0 --size 28 --epochs 1 --out {out}`" in md
     assert main(["benchmark", "compare", str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
     assert main(["benchmark", "compare", str(tmp_path / "missing")]) == 2
+
+
+def test_every_curve_of_a_full_table3_figure_has_its_own_style(tmp_path):
+    """Table 3 has 13 entries and matplotlib 10 colours: the 11th curve must not look like the 1st."""
+    from bloodcell.evaluation.plots import curves_png, line_style
+
+    styles = [tuple(line_style(k).values()) for k in range(13)]
+    assert len(set(styles)) == 13
+    h = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.6}]
+    assert curves_png({f"m{k}": h for k in range(13)}, tmp_path / "c.png", ("val_acc",), "t").stat().st_size > 0
 
 
 def test_suite_models_build_at_the_paper_size():

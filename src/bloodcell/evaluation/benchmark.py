@@ -118,6 +118,7 @@ def run_row(run: Path) -> dict:
            "infer_images_per_s": test.get("cpu", {}).get("throughput_images_per_s")}
     row.update({k: test.get(k) for k in METRICS if k in test})
     row.update({k: tr.get(k) for k in ("first_epoch_seconds", "mean_epoch_seconds", "total_seconds")})
+    row["machine"] = tr.get("machine")  # None for runs trained before runs recorded it
     row["settings"] = settings_text(cfg, test.get("checkpoint"))
     row["history"] = read_history(run / "history.csv")
     load = row["history"][0].get("load") if row["history"] else None
@@ -249,9 +250,12 @@ def results_markdown(groups: list[dict], title: str, description: str, paper_sou
     from bloodcell.evaluation.machine import machine_info
 
     mi = machine_info()
+    machines = Counter(r.get("machine") or "not recorded" for g in groups for r in g["runs"])
+    trained_on = "; ".join(f"{m} ({n} run{'s' * (n != 1)})" for m, n in machines.most_common())
     lines = [f"# {title}", "", description, "",
-             f"Machine: {mi.get('cpu', '?')}, {mi.get('threads', '?')} threads, torch {mi.get('torch', '?')}; "
-             f"times are wall-clock seconds on this CPU. Paper: {paper_source}. Δ = ours − paper in points "
+             f"Trained on: {trained_on or '-'}. Report written on: {mi.get('cpu', '?')}, {mi.get('threads', '?')} "
+             f"threads, torch {mi.get('torch', '?')}. Times are wall-clock seconds on the CPU each run trained on, "
+             f"so compare them only between runs of one machine. Paper: {paper_source}. Δ = ours − paper in points "
              f"(1 point = 0.01); |Δ| > {FLAG_POINTS} is marked **bold**. ± is the sample std over seeds.", "",
              f"Reproduce: `{reproduce}`", ""]
     header = ["entry", "model", "seeds", "params", "accuracy", "paper", "Δ", "weighted F1", "paper", "Δ",

@@ -12,6 +12,7 @@ import torch
 from bloodcell.data.store import load_dataset
 from bloodcell.data.tensors import Normalizer, split_tensors
 from bloodcell.errors import BloodcellError
+from bloodcell.evaluation.machine import cpu_name
 from bloodcell.evaluation.metrics import classification_metrics
 from bloodcell.evaluation.plots import confusion_matrix_png, history_png
 from bloodcell.io import csv_text, read_json, write_json, write_text
@@ -50,7 +51,8 @@ def cpu_speed(model: torch.nn.Module, size: int, batch: int = 256, repeats: int 
         model(one)
         lat.append(time.perf_counter() - t0)
     return {"throughput_images_per_s": round(batch / float(np.median(t)), 1), "throughput_batch": batch,
-            "latency_ms_batch1": round(1000 * float(np.median(lat)), 3), "threads": torch.get_num_threads()}
+            "latency_ms_batch1": round(1000 * float(np.median(lat)), 3), "threads": torch.get_num_threads(),
+            "machine": cpu_name()}
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", speed: bool = True,

@@ -129,6 +129,11 @@ def metric_vs_cost_png(labels: list[str], values: list[float | None], seconds: l
     return _save(fig, path)
 
 
+def line_style(k: int) -> dict:
+    """The k-th series' colour and dash: past ten series the colours repeat, so the dash tells them apart."""
+    return {"color": f"C{k % 10}", "linestyle": ("-", "--", ":", "-.")[k // 10 % 4]}
+
+
 def curves_png(histories: dict[str, list[dict]], path: str | Path, keys: tuple[str, ...], title: str,
                panels: bool = False, columns: int = 4) -> Path:
     """History curves: all labels on one axis per key, or (``panels``) one accuracy and one loss panel per label."""
@@ -136,8 +141,8 @@ def curves_png(histories: dict[str, list[dict]], path: str | Path, keys: tuple[s
     if not panels:
         fig, axes = plt.subplots(1, len(keys), figsize=(7 * len(keys), 4.5), squeeze=False)
         for ax, key in zip(axes[0], keys):
-            for lab, h in items:
-                ax.plot([r["epoch"] for r in h], [r[key] for r in h], marker=".", label=lab)
+            for k, (lab, h) in enumerate(items):
+                ax.plot([r["epoch"] for r in h], [r[key] for r in h], marker=".", label=lab, **line_style(k))
             ax.set_xlabel("epoch")
             ax.set_ylabel(key.replace("_", " "))
             ax.grid(alpha=0.3)

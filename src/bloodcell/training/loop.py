@@ -25,6 +25,7 @@ from bloodcell.data.tensors import (
     to_uint8_nchw,
 )
 from bloodcell.errors import BloodcellError
+from bloodcell.evaluation.machine import cpu_name
 from bloodcell.io import csv_text, read_json, write_json, write_text
 from bloodcell.models import count_params_keras, count_params_trainable, create_model, get_spec
 from bloodcell.training.checkpoint import load_state_file, restore_training_state, save_state, save_weights
@@ -242,6 +243,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         "best_val_acc": best["val_acc"],
         "final_val_acc": history[-1]["val_acc"] if history else None,
         "threads": threads,
+        "machine": cpu_name(),  # epoch seconds mean little without it; reports name each run's machine
         "train_images": n,
         "train_class_counts": np.bincount(y_train.numpy(), minlength=data.num_classes).tolist(),
     }
