@@ -353,18 +353,18 @@ def suite_report(suite_name: str, out: str | Path) -> dict:
     groups = group_rows(rows, labels)
     for g in groups:
         g["paper"], g["note"] = entries[g["entry"]].paper, entries[g["entry"]].note
+    pending = [e.name for e in suite.entries if e.name not in {g["entry"] for g in groups}]
     # One command per distinct (data, size, seeds, epochs, precision), so each option names only its entries.
     by_setting: dict[tuple, list[str]] = {}
     for (name, data, size, epochs, precision), seeds in settings.items():
         by_setting.setdefault((data, size, tuple(sorted(seeds)), epochs, precision), []).append(name)
     reproduce = "`; `".join(
         f"bloodcell benchmark {suite.name} --data {data}"
-        + (f" --models {','.join(names)}" if len(by_setting) > 1 else "")
+        + (f" --models {','.join(names)}" if len(by_setting) > 1 or pending else "")  # never re-run the rest
         + f" --seeds {','.join(map(str, seeds))}" + (f" --size {size}" if size != 64 else "")
         + (f" --epochs {epochs}" if epochs else "") + (f" --precision {precision}" if precision != "fp32" else "")
         + f" --out {out}"
         for (data, size, seeds, epochs, precision), names in by_setting.items())
-    pending = [e.name for e in suite.entries if e.name not in {g["entry"] for g in groups}]
     return write_report(groups, root, suite.title, suite.description, suite.paper_source, reproduce, pending)
 
 
