@@ -17,8 +17,8 @@ import numpy as np
 from bloodcell.data.sources import prepare_from_folder
 from bloodcell.data.store import load_dataset
 from bloodcell.data.tensors import split_tensors
-from bloodcell.evaluation.machine import machine_info
 from bloodcell.io import write_json, write_text
+from bloodcell.machine import machine_info
 
 ROOT = Path(__file__).resolve().parent
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from bloodcell.errors import BloodcellError
-from bloodcell.evaluation.machine import cpu_name
 from bloodcell.io import write_text
+from bloodcell.machine import cpu_name
 from bloodcell.models import count_params_keras, create_model, get_spec, list_models
 
 ROOT = Path(__file__).resolve().parent

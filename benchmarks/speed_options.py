@@ -24,8 +24,8 @@ import torch
 from model_throughput import TRAIN_BATCH, train_throughput
 
 from bloodcell.errors import BloodcellError
-from bloodcell.evaluation.machine import cpu_name
 from bloodcell.io import markdown_table, write_text
+from bloodcell.machine import cpu_name
 from bloodcell.models import get_spec
 
 ROOT = Path(__file__).resolve().parent

@@ -44,10 +44,23 @@ def test_augmented_copies_differ_from_their_sources():
     assert not all(np.array_equal(a, x[s]) for a, s in zip(added, sources))
 
 
-def test_smote_pixels_lie_between_neighbours_and_need_two_images():
+def test_smote_images_lie_between_two_images_of_their_class_and_need_two_images():
+    """Each synthetic image is a + lam * (b - a) for two images a, b of its own class and one lam in [0, 1]."""
     x, y = imbalanced()
     bx, by = oversample_smote(x, y, 3)
-    assert bx[len(x):].min() >= min(x.min(), 0) and bx[len(x):].max() <= 255
+    assert np.bincount(by).tolist() == [6, 6, 6] and np.array_equal(bx[: len(x)], x)
+    images = x.astype(np.float64)
+    for s, c in zip(bx[len(x):].astype(np.float64), by[len(y):]):
+        residuals = []
+        for i in np.flatnonzero(y == c):
+            for j in np.flatnonzero(y == c):
+                d = images[j] - images[i]
+                if i == j or not d.any():
+                    continue
+                lam = ((s - images[i]) * d).sum() / (d * d).sum()
+                if -1e-3 <= lam <= 1 + 1e-3:
+                    residuals.append(np.abs(s - images[i] - lam * d).max())
+        assert residuals and min(residuals) <= 1.0, c  # rounding back to uint8 moves a pixel by at most 0.5
     with pytest.raises(BloodcellError, match="at least 2"):
         oversample_smote(x[:7], y[:7], 3)  # class 1 has one image there
 
@@ -81,5 +94,5 @@ def test_training_balances_only_the_training_split(tiny_npz, tmp_path, method):
 
 
 def test_unknown_balance_is_a_clear_error():
-    with pytest.raises(BloodcellError, match="unknown balancing"):
+    with pytest.raises(BloodcellError, match=r"balanc\w* 'undersample'.*smote"):
         TrainConfig(balance="undersample").validate()

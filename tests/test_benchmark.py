@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from conftest import synthetic_arrays
 
+from bloodcell import paper
 from bloodcell.cli import main
 from bloodcell.data.sources import prepare_from_npz
 from bloodcell.errors import BloodcellError
 from bloodcell.evaluation import benchmark, suites
-from bloodcell.evaluation.machine import cpu_name
-from bloodcell.models import create_model, list_models
+from bloodcell.machine import cpu_name
+from bloodcell.models import list_models
 from bloodcell.training import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -38,6 +39,11 @@ def tiny(tmp_path):
     return "tiny"
 
 
+def run_config(config: dict) -> TrainConfig:
+    """The settings a suite entry trains with (the paper's plus its own), for seed 0 on 'tiny'."""
+    return benchmark.entry_config(config, seed=0, data="tiny", size=64, data_dir=None, epochs=None, threads=None)
+
+
 def table(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -48,18 +54,19 @@ def test_every_suite_entry_is_a_valid_run_of_a_registered_model():
         assert len({e.name for e in suite.entries}) == len(suite.entries)
         for e in suite.entries:
             assert e.config["model"] in {s.name for s in list_models()}
-            TrainConfig(**e.config).validate()
+            run_config(e.config)  # the settings it trains with are valid
     assert len(suites.get_suite("paper-table2").entries) == 13
     t3 = suites.get_suite("paper-table3")
     assert [e.name for e in t3.entries][:11] == list(suites.TABLE3_ORDER)
     assert t3.select(["se-cnn"])[0].paper == {"accuracy": 0.9792, "f1_weighted": 0.9819, "precision_weighted": 0.9819,
                                               "recall_weighted": 0.9819, "first_epoch_seconds": 21}
-    assert suites.paper_numbers("cnn-t2-5") == {"accuracy": 0.95, "f1_weighted": 0.95}
-    assert suites.paper_numbers("cnn-t2-9") == {"accuracy": 0.90, "f1_weighted": 0.91}
+    assert paper.paper_numbers("cnn-t2-5") == {"accuracy": 0.95, "f1_weighted": 0.95}
+    assert paper.paper_numbers("cnn-t2-9") == {"accuracy": 0.90, "f1_weighted": 0.91}
     # the paper's settings: compounding schedule, no augmentation, last epoch tested, SGD for ResNet via the registry
     resnet = t3.select(["resnet34"])[0]
-    assert resnet.config["schedule"] == "paper" and resnet.checkpoint == "last" and "optimizer" not in resnet.config
-    assert t3.select(["resnet34-sound"])[0].config["optimizer"] == "adam"
+    cfg = run_config(resnet.config)
+    assert (cfg.schedule, cfg.augment, cfg.optimizer, resnet.checkpoint) == ("paper", "none", None, "last")
+    assert run_config(t3.select(["resnet34-sound"])[0].config).optimizer == "adam"
     with pytest.raises(BloodcellError, match="no entry nope"):
         t3.select(["nope"])
     with pytest.raises(BloodcellError, match="unknown suite"):
@@ -68,7 +75,7 @@ def test_every_suite_entry_is_a_valid_run_of_a_registered_model():
 
 def test_suite_runs_skips_finished_runs_and_reports(tiny, tmp_path):
     out = tmp_path / "bench"
-    r = benchmark.run_suite("paper-table2", [0, 1], out, models=["cnn-t2-2", "cnn-t2-5"], **FAST, **QUIET)
+    r = benchmark.run_suite("paper-table2", seeds=[0, 1], out=out, models=["cnn-t2-2", "cnn-t2-5"], **FAST, **QUIET)
     root = out / "paper-table2"
     for name in ("RESULTS.md", "results.csv", "runs.csv", "results.json", "f1_per_model.png",
                  "f1_vs_time_size.png", "val_acc_per_epoch.png", "training_curves.png"):
@@ -79,12 +86,13 @@ def test_suite_runs_skips_finished_runs_and_reports(tiny, tmp_path):
             m = json.loads((root / entry / f"seed{seed}" / "metrics.json").read_text())
             assert m["test"]["checkpoint"] == "last" and m["training"]["epochs"] == 2
     assert "Not run yet (no finished run): cnn-t2-1, cnn-t2-3, cnn-t2-4, cnn-t2-6," in (root / "RESULTS.md").read_text()
-    with open(root / "runs.csv") as f:
-        assert all(float(r["first_epoch_load"]) >= 0 for r in csv.DictReader(f))  # how busy the machine was
+    for row in table(root / "runs.csv"):  # how busy the machine was in each run's first epoch, as it logged it
+        assert float(row["first_epoch_load"]) == float(table(Path(row["run"]) / "history.csv")[0]["load"])
     weights = root / "cnn-t2-2" / "seed0" / "last.safetensors"
     stamp = weights.stat().st_mtime_ns
     lines = []
-    benchmark.run_suite("paper-table2", [0, 1], out, models=["cnn-t2-2", "cnn-t2-5"], **FAST, log=lines.append)
+    benchmark.run_suite("paper-table2", seeds=[0, 1], out=out, models=["cnn-t2-2", "cnn-t2-5"], **FAST,
+                        log=lines.append)
     assert weights.stat().st_mtime_ns == stamp  # nothing retrained
     assert not any("new" in x or "resuming" in x for x in lines if x.startswith("["))
     assert all(x.startswith("done") for x in lines[:4])
@@ -99,18 +107,18 @@ def test_suite_runs_skips_finished_runs_and_reports(tiny, tmp_path):
     assert sync.restore(tmp_path / "copy", fresh) == 4
     assert sync.restore(tmp_path / "copy", fresh) == 0  # never overwrites a run folder that is there
     lines = []
-    r = benchmark.run_suite("paper-table2", [0, 1, 2], fresh, models=["cnn-t2-2"], **FAST, log=lines.append)
+    r = benchmark.run_suite("paper-table2", seeds=[0, 1, 2], out=fresh, models=["cnn-t2-2"], **FAST, log=lines.append)
     assert [x.split()[0] for x in lines[:3]] == ["done", "done", "new"]
     assert [x["seed"] for x in r["groups"][0]["runs"]] == [0, 1, 2]
     # a different setting in the same folder is refused, not silently mixed
     with pytest.raises(BloodcellError, match="other settings.*epochs 2 vs 3"):
-        benchmark.run_suite("paper-table2", [0], out, models=["cnn-t2-2"], **{**FAST, "epochs": 3}, **QUIET)
+        benchmark.run_suite("paper-table2", seeds=[0], out=out, models=["cnn-t2-2"], **{**FAST, "epochs": 3}, **QUIET)
 
 
 def test_interrupted_suite_run_resumes_to_the_uninterrupted_result(tiny, tmp_path):
     out = tmp_path / "bench"
-    cfg = benchmark.entry_config(suites.get_suite("paper-table2").select(["cnn-t2-1"])[0].config, 0, "tiny", 28,
-                                 None, 2, 1)
+    cfg = benchmark.entry_config(suites.get_suite("paper-table2").select(["cnn-t2-1"])[0].config, seed=0,
+                                 data="tiny", size=28, data_dir=None, epochs=2, threads=1)
     run = out / "paper-table2" / "cnn-t2-1" / "seed0"
 
     def stop_after_first_epoch(line):
@@ -120,7 +128,7 @@ def test_interrupted_suite_run_resumes_to_the_uninterrupted_result(tiny, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         train(cfg, run, log=stop_after_first_epoch)
     assert benchmark.run_state(run, cfg, "last") == "resume"
-    benchmark.run_suite("paper-table2", [0], out, models=["cnn-t2-1"], **FAST, **QUIET)
+    benchmark.run_suite("paper-table2", seeds=[0], out=out, models=["cnn-t2-1"], **FAST, **QUIET)
     resumed = table(run / "history.csv")
     train(cfg, tmp_path / "straight", **QUIET)
     straight = table(tmp_path / "straight" / "history.csv")
@@ -132,9 +140,9 @@ def test_interrupted_suite_run_resumes_to_the_uninterrupted_result(tiny, tmp_pat
 
 def test_oversampling_suite_balances_training_only_and_reuses_the_identical_table2_run(tiny, tmp_path):
     out = tmp_path / "bench"
-    benchmark.run_suite("paper-table2", [0], out, models=["cnn-t2-5"], **FAST, **QUIET)
+    benchmark.run_suite("paper-table2", seeds=[0], out=out, models=["cnn-t2-5"], **FAST, **QUIET)
     lines = []
-    r = benchmark.run_suite("paper-oversampling", [0], out, **FAST, log=lines.append)
+    r = benchmark.run_suite("paper-oversampling", seeds=[0], out=out, **FAST, log=lines.append)
     assert any("same settings as the finished" in x and "cnn-t2-5" in x for x in lines)
     root = out / "paper-oversampling"
     counts = {e: json.loads((root / e / "seed0" / "metrics.json").read_text())["training"]["train_class_counts"]
@@ -259,11 +267,6 @@ def test_every_curve_of_a_full_table3_figure_has_its_own_style(tmp_path):
     assert len(set(styles)) == 13
     h = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.6}]
     assert curves_png({f"m{k}": h for k in range(13)}, tmp_path / "c.png", ("val_acc",), "t").stat().st_size > 0
-
-
-def test_suite_models_build_at_the_paper_size():
-    for e in suites.get_suite("paper-table2").entries:
-        create_model(e.config["model"], input_size=64)
 
 
 def test_sync_copies_reports_and_autoencoder_history_but_no_weights(tmp_path):

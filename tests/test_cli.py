@@ -5,8 +5,9 @@ import pytest
 
 from bloodcell.cli import build_parser, main
 
-COMMANDS = [[], ["data"], ["data", "prepare"], ["data", "list"], ["data", "info"], ["models"], ["train"],
-            ["evaluate"], ["predict"]]
+COMMANDS = [[], ["data"], ["data", "prepare"], ["data", "list"], ["data", "info"], ["data", "audit"], ["models"],
+            ["train"], ["evaluate"], ["predict"], ["explain"], ["errors"], ["review"], ["benchmark"],
+            ["benchmark", "paper-table3"], ["benchmark", "compare"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -15,11 +16,33 @@ def test_every_command_has_help(cmd, capsys):
         build_parser().parse_args([*cmd, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: bloodcell" in out
+    assert f"usage: {' '.join(['bloodcell', *cmd])}" in " ".join(out.split())
     if cmd == ["train"]:
         for opt in ("--model", "--data", "--size", "--epochs", "--batch-size", "--seed", "--out", "--resume",
-                    "--schedule", "--augment"):
+                    "--schedule", "--augment", "--recipe", "--device", "--precision"):
             assert opt in out
+    if cmd and cmd[0] in ("train", "evaluate", "predict", "explain", "errors", "review") or cmd[1:] == ["compare"]:
+        assert "--device {auto,cpu,cuda,mps}" in out
+
+
+def test_help_imports_no_torch():
+    code = ("import sys; from bloodcell.cli import build_parser; p = build_parser(); p.format_help(); "
+            "print('torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "False"
+
+
+def test_choice_lists_have_one_source():
+    from bloodcell import choices
+    from bloodcell.training.config import TrainConfig
+
+    actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    for dest, values in (("schedule", choices.SCHEDULES), ("augment", choices.AUGMENTS),
+                         ("precision", choices.PRECISIONS), ("device", choices.DEVICES),
+                         ("optimizer", choices.OPTIMIZERS), ("size", choices.SIZES), ("recipe", choices.RECIPES)):
+        assert tuple(actions[dest].choices) == tuple(values), dest
+    with pytest.raises(Exception, match="precision 'fp8'"):
+        TrainConfig(precision="fp8").validate()
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):

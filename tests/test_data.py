@@ -50,7 +50,8 @@ def test_undecodable_files_are_skipped_and_listed(image_tree):
     info = prepare_from_folder(image_tree, size=28, progress=False)
     skipped = {s["path"]: s["reason"] for s in info["skipped"]}
     assert set(skipped) == {"alpha/notes.txt", "gamma/truncated.jpg", "beta/empty.png"}
-    assert all(skipped.values())
+    assert skipped["alpha/notes.txt"] == skipped["beta/empty.png"] == "not an image file PIL can read"
+    assert skipped["gamma/truncated.jpg"].startswith("cannot decode image")
     assert sum(sum(c) for c in info["counts"].values()) == 60
     assert json.loads(open(info["json"]).read())["skipped"] == info["skipped"]
 
@@ -105,12 +106,17 @@ def test_npz_roundtrip_and_validation(tiny_npz, tmp_path):
         read_npz(bad_dtype)
     bad_range = tmp_path / "badrange.npz"
     np.savez(bad_range, **{**arrays, "test_labels": arrays["test_labels"] + 8})
-    with pytest.raises(BloodcellError, match="range 8..15, expected 0..7"):
+    with pytest.raises(BloodcellError, match="test_labels has label.s. 8, 9, .* that train_labels never has"):
         prepare_from_npz(bad_range)
+    shifted = tmp_path / "shifted.npz"
+    np.savez(shifted, **{k: v + 8 if k.endswith("_labels") else v for k, v in arrays.items()})
+    with pytest.raises(BloodcellError, match="labels go up to 15, but class_names has only 8 names"):
+        prepare_from_npz(shifted, class_names=d.class_names)
     not_npz = tmp_path / "junk.npz"
     not_npz.write_bytes(b"junk")
-    with pytest.raises(BloodcellError, match="cannot read as an npz"):
+    with pytest.raises(BloodcellError, match="not an npz file") as e:
         read_npz(not_npz)
+    assert "allow_pickle" not in str(e.value)
 
 
 def test_unknown_dataset_name_is_a_clear_error():
@@ -129,17 +135,13 @@ def test_download_offline_says_how_to_use_a_local_file(monkeypatch):
         download_bloodmnist(64)
 
 
-def test_default_dataset_downloads_on_first_use(monkeypatch):
+def test_default_dataset_is_never_downloaded_by_the_loader(monkeypatch):
     calls = []
-
-    def fake_download(size, root=None):
-        calls.append(size)
-        raise BloodcellError("offline")
-
-    monkeypatch.setattr("bloodcell.data.sources.download_bloodmnist", fake_download)
-    with pytest.raises(BloodcellError, match="offline"):
+    monkeypatch.setattr("bloodcell.data.sources.download_bloodmnist", lambda *a, **k: calls.append(a))
+    with pytest.raises(BloodcellError, match=r"'bloodmnist' at 128px is not prepared.*--download --size 128.*"
+                                             r"--npz FILE.*--source DIR"):
         load_dataset("bloodmnist", 128)
-    assert calls == [128]
+    assert calls == []
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK"])

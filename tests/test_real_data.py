@@ -4,13 +4,16 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from bloodcell.data.images import load_rgb
 from bloodcell.data.recipe import Recipe, apply_recipe
 from bloodcell.data.sources import prepare_from_folder
 from bloodcell.evaluation.evaluate import evaluate_run
-from bloodcell.predict import Predictor
+from bloodcell.inference import Classifier
+from bloodcell.models import create_model
 from bloodcell.training import TrainConfig, train
 
 PER_SPLIT = {"train": 40, "val": 10, "test": 10}
@@ -50,7 +53,13 @@ def test_real_subset_prepare_train_evaluate_predict(real_subset, tmp_path):
 
     # prediction on the original JPEG uses the training recipe: the same pixels as the prepared npz
     with np.load(info["npz"]) as z:
-        prepared = z["test_images"]
+        prepared, labels = z["test_images"], z["test_labels"].reshape(-1)
+    # the reported accuracy is the best weights' on the prepared test images (pixels / 255), computed here
+    model = create_model("se-cnn", input_size=64, bn_momentum=0.3)
+    model.load_state_dict(load_file(run / "best.safetensors"))
+    with torch.no_grad():
+        guess = model.eval()(torch.from_numpy(np.array(prepared)).permute(0, 3, 1, 2).float() / 255).argmax(1)
+    assert m["accuracy"] == pytest.approx(float((guess.numpy() == labels).mean()))
     first_test = info["paths"]["test"][0]
     recipe = Recipe(64, 200)
     assert np.array_equal(apply_recipe(load_rgb(pbc / first_test), recipe), prepared[0])
@@ -62,7 +71,7 @@ def test_real_subset_prepare_train_evaluate_predict(real_subset, tmp_path):
     canvas.paste(small, ((360 - 200) // 2 - (small.width - 200) // 2, (363 - 200) // 2 - (small.height - 200) // 2))
     canvas.save(tmp_path / "original.png")
     Image.fromarray(prepared[0]).save(tmp_path / "prepared64.png")
-    pred = Predictor(run)
+    pred = Classifier.from_run(run)
     res = {r.path.split("/")[-1]: r for r in pred.predict_files(
         [tmp_path / "original.png", tmp_path / "prepared64.png", pbc / first_test], top_k=8)}
     assert res["original.png"].top == res["prepared64.png"].top == res[first_test.split("/")[-1]].top

@@ -28,7 +28,7 @@ def noisy(tmp_path):
 
 
 def test_review_ranks_planted_label_flips_first(noisy, tmp_path):
-    r = review_dataset("toy", 16, folds=3, epochs=4, out=tmp_path / "rev", threads=1, batch_size=16, lr=3e-3,
+    r = review_dataset("toy", size=16, folds=3, epochs=4, out=tmp_path / "rev", threads=1, batch_size=16, lr=3e-3,
                        model_args={"bn_momentum": 0.3, "widths": [8, 16]}, top=10, log=lambda s: None)
     top = [(row["split"], row["index"]) for row in r["rows"][:4]]
     assert set(FLIPPED) <= set(top), r["rows"][:6]

@@ -5,21 +5,43 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import numbers
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process umask, read from /proc (no side effect) or, elsewhere, by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # racy with threads that create files at this instant; acceptable for a CLI
+    os.umask(old)
+    return old
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` in one step."""
+    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` in one step.
+
+    mkstemp creates the temporary file as 0600 whatever the umask; it gets the mode a plain ``open`` would
+    give (0666 minus the umask) before the rename, so colleagues sharing a data folder can read our files.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -35,8 +57,42 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, _write)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN/Infinity as None and numpy scalars/arrays as Python values, for strict JSON readers.
+
+    Without this, NaN is written as the non-JSON token ``NaN`` and a numpy integer falls to ``default=str``
+    and becomes a string. (numpy is recognised without importing it, so the CLI's ``--help`` stays fast.)
+    """
+    if isinstance(obj, dict):
+        return {_json_key(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return [json_safe(v) for v in sorted(obj, key=repr)]
+    if isinstance(obj, (bool, str)) or obj is None:
+        return obj
+    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):  # arrays and scalars, np.bool_ included
+        return json_safe(obj.tolist())
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    return obj
+
+
+def _json_key(key: Any) -> Any:
+    return key.item() if type(key).__module__ == "numpy" and hasattr(key, "item") else key
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Strict JSON (no NaN/Infinity: non-finite numbers become null); unknown objects are written as text."""
+    write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
+
+
+def warn(message: str) -> None:
+    """One ``bloodcell: warning: ...`` line on stderr (Python's warnings print two lines and a source line)."""
+    print(f"bloodcell: warning: {message}", file=sys.stderr, flush=True)
 
 
 def csv_text(header: list[str], rows: Iterable[dict | Sequence]) -> str:
@@ -57,8 +113,12 @@ def read_json(path: str | Path) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise BloodcellError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise BloodcellError(f"{path}: is a folder, expected a JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BloodcellError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise BloodcellError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def markdown_table(header: list, rows) -> str:

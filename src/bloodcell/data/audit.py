@@ -5,8 +5,8 @@
   horizontal neighbour pair (left brighter than right); ``hash_size`` 16 gives 256 bits. Two images are near
   duplicates when their hashes differ in at most ``threshold`` bits (and their pixels differ). dHash ignores
   small changes of brightness, compression and scale, not crops or rotations.
-* Pairwise Hamming distances are computed in blocks with numpy (XOR of 64-bit words + popcount), so
-  17,000 images take seconds; memory stays at ``block x N`` words.
+* Pairwise Hamming distances are computed in blocks with numpy (XOR of 64-bit words + a SWAR popcount that
+  works on NumPy 1 and 2), so 17,000 images take seconds; memory stays at a few ``block x N`` words.
 
 A pair is "conflicting" if its two images have different labels, "leakage" if they are in different splits.
 """
@@ -23,7 +23,7 @@ from PIL import Image
 
 from bloodcell.data.images import ImageDecodeError, load_rgb
 from bloodcell.errors import BloodcellError
-from bloodcell.io import csv_text, write_text
+from bloodcell.io import csv_text, write_json, write_text
 
 HASH_SIZE = 16
 THRESHOLD = 10
@@ -40,6 +40,7 @@ class AuditItems:
     hashes: np.ndarray  # N x words uint64 dHash bits
     class_names: list[str]
     unreadable: list[dict] = field(default_factory=list)
+    hidden: list[dict] = field(default_factory=list)  # hidden files/folders not audited, with the reason
 
 
 def dhash_bits(image: Image.Image | np.ndarray, hash_size: int = HASH_SIZE) -> np.ndarray:
@@ -63,13 +64,27 @@ def as_words(packed: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed).view(np.uint64)
 
 
+_M1, _M2, _M4, _H01 = (np.uint64(0x5555555555555555), np.uint64(0x3333333333333333),
+                       np.uint64(0x0F0F0F0F0F0F0F0F), np.uint64(0x0101010101010101))
+
+
+def popcount64(x: np.ndarray) -> np.ndarray:
+    """Set bits per element of a uint64 array (the SWAR bit count; ``np.bitwise_count`` needs NumPy 2)."""
+    x = x - ((x >> np.uint64(1)) & _M1)
+    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
+    x = (x + (x >> np.uint64(4))) & _M4
+    return (x * _H01) >> np.uint64(56)  # wraps modulo 2**64 by design: the top byte is the sum
+
+
 def hamming_pairs(words: np.ndarray, threshold: int, block: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs i < j with Hamming distance <= threshold: (i, j, distance), computed block by block."""
     n = len(words)
     out_i, out_j, out_d = [], [], []
     for a in range(0, n, block):
         rows = words[a : a + block]
-        dist = np.bitwise_count(rows[:, None, :] ^ words[None, a:, :]).sum(axis=2, dtype=np.int32)
+        dist = np.zeros((len(rows), n - a), dtype=np.int32)
+        for w in range(words.shape[1]):  # one word at a time keeps the temporaries at block x N
+            dist += popcount64(rows[:, None, w] ^ words[None, a:, w]).astype(np.int32)
         ii, jj = np.nonzero(dist <= threshold)
         ii, jj = ii + a, jj + a
         keep = jj > ii
@@ -101,24 +116,34 @@ def _fingerprint_file(args: tuple[str, int]) -> tuple[str | None, np.ndarray | N
 
 def items_from_folder(source: str | Path, split_file: str | Path | None = None, hash_size: int = HASH_SIZE,
                       workers: int = 1) -> AuditItems:
-    """Decode every file of a folder-per-class tree (full resolution) and fingerprint it."""
-    from bloodcell.data.sources import class_names_from_split, read_split_file, scan_class_folders
+    """Decode every file of a folder-per-class tree (full resolution) and fingerprint it.
 
+    Without a split file, hidden files and folders in the class folders are not audited and are listed in
+    ``hidden``; with one, the split file says which files are audited.
+    """
+    from bloodcell.data.images import get_max_pixels, set_max_pixels
+    from bloodcell.data.sources import check_workers, class_names_from_split, read_split_file, scan_class_folders
+
+    check_workers(workers)
     source = Path(source).expanduser()
-    classes, items = scan_class_folders(source)
+    hidden: list[dict] = []
+    classes, items = scan_class_folders(source, hidden)
     if split_file:
-        rows = read_split_file(Path(split_file), source, classes)
+        rows = read_split_file(Path(split_file).expanduser(), source, classes)
         classes = class_names_from_split(rows, Path(split_file))
         rel, labels, splits = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        hidden = []
     else:
         rel, labels, splits = [p for p, _ in items], [c for _, c in items], [None] * len(items)
     jobs = [(str(source / p), hash_size) for p in rel]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=set_max_pixels, initargs=(get_max_pixels(),)) as pool:
             results = list(pool.map(_fingerprint_file, jobs, chunksize=64))
     else:
         results = [_fingerprint_file(j) for j in jobs]
-    return _collect(rel, labels, splits, results, classes, hash_size)
+    out = _collect(rel, labels, splits, results, classes, hash_size)
+    out.hidden = hidden
+    return out
 
 
 def _collect(paths, labels, splits, results, classes, hash_size) -> AuditItems:
@@ -179,7 +204,8 @@ def summarise(rows: list[dict], items: AuditItems, threshold: int, hash_size: in
     def count(kind: str, cond) -> int:
         return sum(1 for r in rows if r["kind"] == kind and cond(r))
 
-    out = {"images_read": len(items.paths), "unreadable": len(items.unreadable),
+    out = {"images_read": len(items.paths), "unreadable": len(items.unreadable), "hidden": len(items.hidden),
+           "hidden_paths": [h["path"] for h in items.hidden],
            "hash": f"dHash {hash_size}x{hash_size}", "threshold_bits": threshold}
     for kind in ("exact", "near"):
         out[kind] = {"pairs": count(kind, lambda r: True),
@@ -204,9 +230,14 @@ def unreadable_csv(unreadable: list[dict]) -> str:
     return csv_text(["path", "reason"], unreadable)
 
 
-def summary_text(s: dict) -> str:
-    lines = [f"{s['images_read']} images read, {s['unreadable']} unreadable; near = {s['hash']} "
-             f"within {s['threshold_bits']} bits",
+def summary_text(s: dict, show_hidden: int = 20) -> str:
+    hidden = s.get("hidden_paths", [])
+    lines = [f"{s['images_read']} images read, {s['unreadable']} unreadable, {len(hidden)} hidden skipped; "
+             f"near = {s['hash']} within {s['threshold_bits']} bits"]
+    lines += [f"  hidden (name starts with '.'), not audited: {p}" for p in hidden[:show_hidden]]
+    if len(hidden) > show_hidden:
+        lines.append(f"  ... and {len(hidden) - show_hidden} more hidden (all in audit.json)")
+    lines += [
              f"{'':<6}{'pairs':>8}{'within class':>14}{'conflicting':>13}{'across splits':>15}{'images':>8}"]
     for kind in ("exact", "near"):
         k = s[kind]
@@ -217,10 +248,13 @@ def summary_text(s: dict) -> str:
 
 
 def audit_markdown(s: dict, rows: list[dict], unreadable: list[dict], what: str, show: int = 50) -> str:
-    md = [f"# Data audit: {what}", "", "```", summary_text(s), "```", ""]
+    md = [f"# Data audit: {what}", "", "```", summary_text(s, show_hidden=0), "```", ""]
     if unreadable:
         md += ["## Unreadable files", "", "| path | reason |", "|---|---|"]
         md += [f"| {u['path']} | {u['reason']} |" for u in unreadable] + [""]
+    if s.get("hidden_paths"):
+        md += ["## Hidden files (name starts with '.'), not audited", ""]
+        md += [f"- {p}" for p in s["hidden_paths"]] + [""]
     if rows:
         md += [f"## Duplicate pairs (first {min(show, len(rows))} of {len(rows)}; all in audit_pairs.csv)", "",
                "| kind | bits | a | class a | split a | b | class b | split b |", "|---|---|---|---|---|---|---|---|"]
@@ -229,18 +263,22 @@ def audit_markdown(s: dict, rows: list[dict], unreadable: list[dict], what: str,
     return "\n".join(md) + "\n"
 
 
-def run_audit(source: str | Path | None = None, data: str | None = None, size: int = 64,
+def run_audit(source: str | Path | None = None, *, data: str | None = None, size: int = 64,
               split_file: str | Path | None = None, threshold: int = THRESHOLD, hash_size: int = HASH_SIZE,
               out: str | Path | None = None, data_dir: str | None = None, workers: int = 1) -> dict:
-    """Audit a source folder or a prepared dataset; write audit.md, audit_pairs.csv, audit_unreadable.csv."""
+    """Audit a source folder or a prepared dataset; write audit.md, audit.json, audit_pairs.csv and
+    audit_unreadable.csv (the JSON has the summary and every unreadable and hidden file, for scripts)."""
     if (source is None) == (data is None):
         raise BloodcellError("give exactly one of --source DIR or --data NAME")
-    if threshold < 0 or hash_size < 2:
-        raise BloodcellError("--threshold must be >= 0 and --hash-size >= 2")
+    for opt, v, low in (("--threshold", threshold, 0), ("--hash-size", hash_size, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise BloodcellError(f"{opt} must be a whole number >= {low}, got {v!r}")
+    if split_file is not None and source is None:
+        raise BloodcellError("--split-file applies to --source (a prepared dataset already has its splits)")
     if source is not None:
         items = items_from_folder(source, split_file, hash_size, workers)
         what = str(source)
-        out = Path(out) if out else Path(f"audit_{Path(source).resolve().name}")
+        out = Path(out) if out else Path(f"audit_{Path(source).expanduser().resolve().name}")
     else:
         from bloodcell.data.store import load_dataset
 
@@ -253,4 +291,6 @@ def run_audit(source: str | Path | None = None, data: str | None = None, size: i
     write_text(out / "audit_pairs.csv", pairs_csv(rows))
     write_text(out / "audit_unreadable.csv", unreadable_csv(items.unreadable))
     write_text(out / "audit.md", audit_markdown(s, rows, items.unreadable, what))
-    return {"summary": s, "pairs": rows, "unreadable": items.unreadable, "out": str(out)}
+    write_json(out / "audit.json", {"audited": what, "summary": s, "unreadable": items.unreadable,
+                                    "hidden": items.hidden})
+    return {"summary": s, "pairs": rows, "unreadable": items.unreadable, "hidden": items.hidden, "out": str(out)}

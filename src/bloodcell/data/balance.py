@@ -25,7 +25,11 @@ METHODS = ("none", "augment", "smote", "class-weight")
 
 def target_counts(labels: np.ndarray, num_classes: int, target: int | None = None) -> dict[int, int]:
     """Per class, how many images it should have: ``target`` or the majority class's count (never fewer)."""
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 1):
+        raise BloodcellError(f"balancing target must be a whole number of images >= 1, got {target!r}")
     counts = np.bincount(labels, minlength=num_classes)
+    if len(labels) == 0:
+        raise BloodcellError("cannot balance an empty training split")
     goal = int(target or counts.max())
     return {c: max(goal, int(counts[c])) for c in range(num_classes)}
 

@@ -24,28 +24,41 @@ ACTIONS = ("keep", "relabel", "drop")
 def read_corrections(path: str | Path) -> list[dict]:
     """The rows of a corrections CSV with a non-keep action, each with its line number."""
     path = Path(path)
+    if path.is_dir():
+        raise BloodcellError(f"{path}: is a folder, expected a corrections CSV file")
     if not path.is_file():
         raise BloodcellError(f"{path}: corrections file not found")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = set(reader.fieldnames or [])
-        if "action" not in fields or not ({"path"} <= fields or {"split", "index"} <= fields):
-            raise BloodcellError(f"{path}: expected an 'action' column and 'path' or 'split,index' columns, "
-                                 f"found {reader.fieldnames}")
-        rows = []
-        for line, r in enumerate(reader, start=2):
-            action = (r.get("action") or "").strip().lower() or "keep"
-            if action not in ACTIONS:
-                raise BloodcellError(f"{path}:{line}: action '{action}' is not one of keep, relabel, drop")
-            if action != "keep":
-                rows.append({**{k: (v or "").strip() for k, v in r.items() if k}, "action": action, "line": line})
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a CSV edited in Excel has a BOM
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise BloodcellError(f"{path}: corrections file is empty (expected a header line)")
+            reader.fieldnames = [(h or "").strip().lower() for h in reader.fieldnames]
+            fields = set(reader.fieldnames)
+            if "action" not in fields or not ({"path"} <= fields or {"split", "index"} <= fields):
+                raise BloodcellError(f"{path}: expected an 'action' column and 'path' or 'split,index' columns, "
+                                     f"found {reader.fieldnames}")
+            rows = []
+            for r in reader:
+                line = reader.line_num
+                if r.get(None):
+                    raise BloodcellError(f"{path}:{line}: more fields than the header has (quote values with commas)")
+                action = (r.get("action") or "").strip().lower() or "keep"
+                if action not in ACTIONS:
+                    raise BloodcellError(f"{path}:{line}: action '{action}' is not one of keep, relabel, drop")
+                if action != "keep":
+                    rows.append({**{k: (v or "").strip() for k, v in r.items() if k}, "action": action, "line": line})
+    except UnicodeDecodeError as e:
+        raise BloodcellError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as CSV UTF-8") from None
+    except csv.Error as e:
+        raise BloodcellError(f"{path}: not a valid CSV file ({e})") from None
     return rows
 
 
 def _class_id(value: str, class_names: list[str], where: str) -> int:
     if value in class_names:
         return class_names.index(value)
-    if value.isdigit() and int(value) < len(class_names):
+    if value.isdecimal() and int(value) < len(class_names):
         return int(value)
     raise BloodcellError(f"{where}: label '{value}' is not a class ({', '.join(class_names)})")
 
@@ -59,7 +72,10 @@ def _locate(row: dict, meta: dict, sizes: dict[str, int], where: str) -> tuple[s
                 return s, paths[s].index(row["path"])
         raise BloodcellError(f"{where}: path '{row['path']}' is not in the dataset")
     split, index = row.get("split", ""), row.get("index", "")
-    if split not in SPLITS or not index.isdigit() or int(index) >= sizes[split]:
+    if row.get("path") and not (split or index):
+        raise BloodcellError(f"{where}: the dataset recorded no file paths, so rows must name images by split and "
+                             f"index (path '{row['path']}' cannot be looked up)")
+    if split not in SPLITS or not index.isdecimal() or int(index) >= sizes[split]:
         raise BloodcellError(f"{where}: split '{split}' / index '{index}' does not name an image of the dataset")
     return split, int(index)
 
@@ -77,9 +93,13 @@ def apply_corrections(arrays: dict[str, np.ndarray], meta: dict, csv_path: str |
     labels = {s: np.asarray(arrays[f"{s}_labels"]).reshape(-1).astype(np.int64).copy() for s in SPLITS}
     drop: dict[str, set[int]] = {s: set() for s in SPLITS}
     relabelled = 0
+    named: dict[tuple[str, int], int] = {}
     for row in read_corrections(csv_path):
         where = f"{csv_path}:{row['line']}"
         split, i = _locate(row, meta, sizes, where)
+        if (split, i) in named:  # two actions for one image: which one is meant is anyone's guess
+            raise BloodcellError(f"{where}: {split} #{i} already has an action on line {named[split, i]}")
+        named[split, i] = row["line"]
         if row.get("given_label") and _class_id(row["given_label"], classes, where) != labels[split][i]:
             raise BloodcellError(f"{where}: given_label '{row['given_label']}' but the dataset has "
                                  f"'{classes[labels[split][i]]}' for {split} #{i} (CSV for another dataset version?)")

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from bloodcell.data.store import PreparedData
+from bloodcell.errors import BloodcellError
 
 
 def to_uint8_nchw(images: np.ndarray) -> torch.Tensor:
@@ -26,6 +27,12 @@ class Normalizer:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) if mean else None
         self.std = torch.tensor(std).view(1, -1, 1, 1) if std else None
 
+    def to(self, device) -> Normalizer:
+        """The statistics on ``device``, so a batch made there is normalised there (no host round trip)."""
+        if self.mean is not None:
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch.float().div_(255).contiguous(memory_format=torch.channels_last)
         if self.mean is not None:
@@ -36,25 +43,28 @@ class Normalizer:
 def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
     """Random flips (``flip``) or the 8 symmetries of the square (``dihedral``), per image, whole batch at once.
 
-    Cells have no preferred orientation, so these change no label. Flips are applied to index subsets,
-    not image by image.
+    Cells have no preferred orientation, so these change no label. Each image picks the flipped or unflipped
+    version with ``torch.where`` (no boolean-mask indexing, which would make a GPU wait to learn the count).
     """
     if kind == "none":
         return x
     n = x.shape[0]
-    r = torch.randint(0, 8 if kind == "dihedral" else 4, (n,), generator=generator)
-    out = x.clone()
-    hflip, vflip = (r & 1).bool(), (r & 2).bool()
-    out[hflip] = out[hflip].flip(3)
-    out[vflip] = out[vflip].flip(2)
+    # drawn from the (CPU) generator so the draws, and a resumed run, are the same on every device
+    r = torch.randint(0, 8 if kind == "dihedral" else 4, (n,), generator=generator).to(x.device, non_blocking=True)
+    r = r.view(n, 1, 1, 1)
+    out = torch.where((r & 1).bool(), x.flip(3), x)
+    out = torch.where((r & 2).bool(), out.flip(2), out)
     if kind == "dihedral":
-        t = (r & 4).bool()
-        out[t] = out[t].transpose(2, 3)
+        out = torch.where((r & 4).bool(), out.transpose(2, 3), out)
     return out
 
 
 def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     """Indices of about ``limit`` items keeping the class proportions (for quick smoke runs)."""
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise BloodcellError(f"a subset limit must be a whole number >= 1, got {limit!r}")
+    if len(labels) == 0:
+        return np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
     keep = []
     frac = min(1.0, limit / len(labels))

@@ -7,7 +7,6 @@ made from a suite and one made from hand-picked run folders look the same.
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections import Counter
@@ -18,10 +17,11 @@ import numpy as np
 from bloodcell.errors import BloodcellError
 from bloodcell.evaluation.evaluate import evaluate_run, read_history
 from bloodcell.io import csv_text, markdown_table, read_json, write_json, write_text
+from bloodcell.runfolder import find_runs, run_label
 from bloodcell.training.config import TrainConfig
 
 # Config fields that do not change a result, so a suite may be resumed with other values.
-NEUTRAL_FIELDS = ("threads", "data_dir")
+NEUTRAL_FIELDS = ("threads", "data_dir", "device")
 METRICS = ("accuracy", "f1_weighted", "precision_weighted", "recall_weighted", "f1_macro", "auc_ovr_macro",
            "first_epoch_seconds", "mean_epoch_seconds", "total_seconds", "model_size_mb", "infer_images_per_s")
 PAPER_COMPARED = ("accuracy", "f1_weighted")
@@ -29,9 +29,14 @@ FLAG_POINTS = 1.5  # differences from the paper larger than this many points are
 
 
 # ---------------------------------------------------------------- running a suite
-def entry_config(config: dict, seed: int, data: str, size: int, data_dir: str | None, epochs: int | None,
-                 threads: int | None, precision: str = "fp32") -> TrainConfig:
-    d = dict(config, seed=seed, data=data, size=size, data_dir=data_dir, threads=threads, precision=precision)
+def entry_config(config: dict, *, seed: int, data: str, size: int, data_dir: str | None = None,
+                 epochs: int | None = None, threads: int | None = None, precision: str = "fp32",
+                 device: str = "auto") -> TrainConfig:
+    """An entry's settings (the paper preset plus the entry's own) for one seed and dataset."""
+    from bloodcell.training.config import PRESETS
+
+    d = dict(PRESETS["paper"], **config, seed=seed, data=data, size=size, data_dir=data_dir, threads=threads,
+             precision=precision, device=device)
     if epochs:
         d["epochs"] = epochs
     return TrainConfig(**d).validate()
@@ -56,10 +61,14 @@ def run_state(run: Path, cfg: TrainConfig, checkpoint: str) -> str:
     return "done" if metrics.get("test", {}).get("checkpoint") == checkpoint else "evaluate"
 
 
-def run_suite(suite_name: str, seeds: list[int], out: str | Path, data: str = "bloodmnist", size: int = 64,
+def run_suite(suite_name: str, *, seeds: list[int], out: str | Path, data: str = "bloodmnist", size: int = 64,
               data_dir: str | None = None, epochs: int | None = None, models: list[str] | None = None,
-              threads: int | None = None, precision: str = "fp32", plan_only: bool = False, log=print) -> dict:
-    """Train and test every selected entry for every seed, skipping finished runs; then write the report."""
+              threads: int | None = None, precision: str = "fp32", device: str = "auto", speed: bool = False,
+              plan_only: bool = False, log=print) -> dict:
+    """Train and test every selected entry for every seed, skipping finished runs; then write the report.
+
+    ``speed`` also measures inference speed when testing (off by default: a suite's runs share the machine with
+    whatever else runs, so its speeds are better measured apart, with benchmarks/model_throughput.py)."""
     from bloodcell.data.store import load_dataset
     from bloodcell.evaluation.suites import get_suite
     from bloodcell.training.loop import train
@@ -70,7 +79,8 @@ def run_suite(suite_name: str, seeds: list[int], out: str | Path, data: str = "b
     for entry in suite.select(models):
         for seed in seeds:
             run = root / entry.name / f"seed{seed}"
-            cfg = entry_config(entry.config, seed, data, size, data_dir, epochs, threads, precision)
+            cfg = entry_config(entry.config, seed=seed, data=data, size=size, data_dir=data_dir, epochs=epochs,
+                               threads=threads, precision=precision, device=device)
             jobs.append((entry, run, cfg, run_state(run, cfg, entry.checkpoint)))
     for _, run, cfg, state in jobs:
         log(f"{state:<9}{run}  ({cfg.model}, {cfg.epochs} epochs, {cfg.schedule} schedule, balance {cfg.balance})")
@@ -90,7 +100,7 @@ def run_suite(suite_name: str, seeds: list[int], out: str | Path, data: str = "b
         t0 = time.perf_counter()
         if state in ("new", "resume"):
             train(cfg, run, resume=state == "resume", progress=False, data=dataset, log=log)
-        m = evaluate_run(run, "test", entry.checkpoint)
+        m = evaluate_run(run, "test", entry.checkpoint, speed=speed, device=device)
         log(f"[{k}/{len(jobs)}] {run}: test accuracy {m['accuracy']:.4f}, weighted F1 {m['f1_weighted']:.4f} "
             f"({time.perf_counter() - t0:.0f}s)")
     return suite_report(suite_name, out)
@@ -115,7 +125,7 @@ def run_row(run: Path) -> dict:
     test, tr = m["test"], m.get("training", {})
     row = {"run": str(run), "model": cfg.model, "seed": cfg.seed, "epochs": tr.get("epochs"), "balance": cfg.balance,
            "checkpoint": test.get("checkpoint"), "params_keras": test.get("params_keras"),
-           "infer_images_per_s": test.get("cpu", {}).get("throughput_images_per_s")}
+           "infer_images_per_s": (test.get("speed") or test.get("cpu") or {}).get("throughput_images_per_s")}
     row.update({k: test.get(k) for k in METRICS if k in test})
     row.update({k: tr.get(k) for k in ("first_epoch_seconds", "mean_epoch_seconds", "total_seconds")})
     row["machine"] = tr.get("machine")  # None for runs trained before runs recorded it
@@ -153,24 +163,6 @@ def _default_optimizer(model: str) -> str:
         return "?"
 
 
-def find_runs(dirs: list[str | Path]) -> list[Path]:
-    """Run folders in ``dirs``: each dir that is a run, else every run below it."""
-    runs: list[Path] = []
-    for d in map(Path, dirs):
-        if not d.is_dir():
-            raise BloodcellError(f"{d}: folder not found")
-        found = [d] if (d / "config.json").is_file() else sorted(p.parent for p in d.rglob("config.json"))
-        if not found:
-            raise BloodcellError(f"{d}: no run folders (config.json) in it")
-        runs += [r for r in found if r not in runs]
-    return runs
-
-
-def run_label(run: Path) -> str:
-    """``ENTRY`` for ``.../ENTRY/seedN`` folders, else the folder's own name."""
-    return run.parent.name if re.fullmatch(r"seed\d+", run.name) else run.name
-
-
 def aggregate(rows: list[dict]) -> dict:
     """Mean and sample std (ddof 1; None for a single seed) of every metric over the rows."""
     out = {}
@@ -187,7 +179,7 @@ def group_rows(rows: list[dict], labels: list[str]) -> list[dict]:
     Runs of one label with different settings (say seed 0 at 10 epochs, seed 1 at 20) are never averaged together:
     each setting gets its own group, labelled "label (settings)"; `entry` keeps the plain label.
     """
-    from bloodcell.evaluation.suites import paper_numbers
+    from bloodcell.paper import paper_numbers
 
     groups: dict[tuple[str, str], dict] = {}
     for label, row in zip(labels, rows):
@@ -247,7 +239,7 @@ def runs_csv(groups: list[dict]) -> str:
 
 def results_markdown(groups: list[dict], title: str, description: str, paper_source: str,
                      reproduce: str, figures: list[str], pending: list[str] | None = None) -> str:
-    from bloodcell.evaluation.machine import machine_info
+    from bloodcell.machine import machine_info
 
     mi = machine_info()
     machines = Counter(r.get("machine") or "not recorded" for g in groups for r in g["runs"])
@@ -368,7 +360,8 @@ def suite_report(suite_name: str, out: str | Path) -> dict:
     return write_report(groups, root, suite.title, suite.description, suite.paper_source, reproduce, pending)
 
 
-def compare(dirs: list[str | Path], out: str | Path, checkpoint: str = "best", log=print) -> dict:
+def compare(dirs: list[str | Path], out: str | Path, checkpoint: str = "best", device: str = "auto",
+            log=print) -> dict:
     """One table and the figures from any finished run folders; runs never tested are tested on ``checkpoint``."""
     runs = find_runs(dirs)
     rows, labels = [], []
@@ -379,7 +372,7 @@ def compare(dirs: list[str | Path], out: str | Path, checkpoint: str = "best", l
             continue
         if "test" not in m:
             log(f"testing {run} ({checkpoint} checkpoint)")
-            evaluate_run(run, "test", checkpoint)
+            evaluate_run(run, "test", checkpoint, device=device)
         rows.append(run_row(run))
         labels.append(run_label(run))
     if not rows:

@@ -1,4 +1,5 @@
-"""Evaluate a run folder on a split: metrics, confusion matrix, size and CPU speed, into metrics.json."""
+"""Evaluate a classifier on a split: a pure ``evaluate`` (metrics only) and ``evaluate_run``, which writes
+``metrics.json``, the confusion matrix and the training curves into the run folder."""
 
 from __future__ import annotations
 
@@ -9,84 +10,79 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bloodcell.choices import SPLITS
 from bloodcell.data.store import load_dataset
-from bloodcell.data.tensors import Normalizer, split_tensors
+from bloodcell.data.tensors import to_uint8_nchw
 from bloodcell.errors import BloodcellError
-from bloodcell.evaluation.machine import cpu_name
 from bloodcell.evaluation.metrics import classification_metrics
 from bloodcell.evaluation.plots import confusion_matrix_png, history_png
+from bloodcell.inference import Classifier
 from bloodcell.io import csv_text, read_json, write_json, write_text
+from bloodcell.machine import device_name, set_threads
 from bloodcell.models import count_params_keras, count_params_trainable
-from bloodcell.training.checkpoint import load_model
 from bloodcell.training.config import TrainConfig
-from bloodcell.training.loop import predict_logits, set_threads
 
 
-def weights_path(run_dir: Path, checkpoint: str) -> Path:
-    if checkpoint not in ("best", "last"):
-        raise BloodcellError(f"checkpoint must be 'best' or 'last', not '{checkpoint}'")
-    path = run_dir / f"{checkpoint}.safetensors"
-    if not path.is_file():
-        raise BloodcellError(f"{run_dir}: no {checkpoint}.safetensors (is this a finished bloodcell run folder?)")
-    return path
+def evaluate(classifier: Classifier, images: np.ndarray | torch.Tensor, labels: np.ndarray) -> dict:
+    """Metrics of one prediction pass over ``images`` (N x H x W x 3 uint8, or a uint8 NCHW tensor); no files."""
+    x = to_uint8_nchw(images) if isinstance(images, np.ndarray) else images
+    probs = classifier.probabilities(x).cpu().numpy()
+    return classification_metrics(np.asarray(labels), probs, classifier.class_names)
 
 
 @torch.inference_mode()
-def cpu_speed(model: torch.nn.Module, size: int, batch: int = 256, repeats: int = 5) -> dict:
-    """Inference throughput (images/s at ``batch``) and latency (median ms at batch 1) on this CPU."""
-    model.eval()
-    x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-    model(x)  # warm-up
-    t = []
-    for _ in range(repeats):
+def measure_speed(classifier: Classifier, batch: int = 256, repeats: int = 5) -> dict:
+    """Inference throughput (images/s at ``batch``) and latency (median ms at batch 1) on the classifier's device."""
+    model, device = classifier.model.eval(), classifier.device
+    size = classifier.input_size
+    x = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+
+    def timed(inp: torch.Tensor) -> float:
         t0 = time.perf_counter()
-        model(x)
-        t.append(time.perf_counter() - t0)
+        model(inp)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    timed(x)  # warm-up
+    t = [timed(x) for _ in range(repeats)]
     one = x[:1]
     for _ in range(5):
-        model(one)
-    lat = []
-    for _ in range(50):
-        t0 = time.perf_counter()
-        model(one)
-        lat.append(time.perf_counter() - t0)
+        timed(one)
+    lat = [timed(one) for _ in range(50)]
     return {"throughput_images_per_s": round(batch / float(np.median(t)), 1), "throughput_batch": batch,
             "latency_ms_batch1": round(1000 * float(np.median(lat)), 3), "threads": torch.get_num_threads(),
-            "machine": cpu_name()}
+            "device": device_name(device), "machine": device_name("cpu")}
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", speed: bool = True,
-                 data_override: str | None = None, data_dir: str | None = None) -> dict:
-    """One prediction pass over ``split``; every metric comes from that pass. Updates metrics.json."""
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", speed: bool = False,
+                 data_override: str | None = None, data_dir: str | None = None, device: str = "auto") -> dict:
+    """Evaluate a run folder on ``split``; every metric comes from one pass. Updates metrics.json."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise BloodcellError(f"{run_dir}: run folder not found")
+    if split not in SPLITS:
+        raise BloodcellError(f"unknown split '{split}' ({', '.join(SPLITS)})")
     cfg = TrainConfig.load(run_dir / "config.json")
     set_threads(cfg.threads)
-    wpath = weights_path(run_dir, checkpoint)
-    model, meta = load_model(wpath)
-    model = model.to(memory_format=torch.channels_last)
+    clf = Classifier.from_run(run_dir, checkpoint, device=device)
     data = load_dataset(data_override or cfg.data, cfg.size, data_dir or cfg.data_dir)
-    if data.class_names != meta["class_names"]:
+    if data.class_names != clf.class_names:
         raise BloodcellError(f"{run_dir}: the dataset's classes {data.class_names} differ from the model's")
-    if split not in data.images:
-        raise BloodcellError(f"unknown split '{split}' (train, val, test)")
-    x, y = split_tensors(data, split)
-    norm = Normalizer(**(meta.get("normalization") or {}))
-    probs = torch.softmax(predict_logits(model, x, norm), 1).numpy()
-    m = classification_metrics(y.numpy(), probs, data.class_names)
+    m = evaluate(clf, data.images[split], data.labels[split])
     m.update({
         "split": split,
         "checkpoint": checkpoint,
-        "checkpoint_epoch": meta.get("epoch"),
+        "checkpoint_epoch": clf.meta.get("epoch"),
         "dataset": data.meta.get("name", cfg.data),
         "class_names": data.class_names,
-        "params_keras": count_params_keras(model),
-        "params_trainable": count_params_trainable(model),
-        "model_size_mb": round(wpath.stat().st_size / 1e6, 3),
+        "params_keras": count_params_keras(clf.model),
+        "params_trainable": count_params_trainable(clf.model),
+        "model_size_mb": round(clf.source.stat().st_size / 1e6, 3),
+        "device": device_name(clf.device),
     })
     if speed:
-        m["cpu"] = cpu_speed(model, data.size)
+        m["speed"] = measure_speed(clf)
     cm = np.asarray(m["confusion_matrix"])
     write_text(run_dir / f"confusion_{split}.csv",
                csv_text(["true\\pred", *data.class_names], ([n, *r.tolist()] for n, r in zip(data.class_names, cm))))
@@ -118,15 +114,16 @@ def format_report(m: dict, class_names: list[str]) -> str:
         f"accuracy            {m['accuracy']:.4f}",
         f"weighted P / R / F1 {m['precision_weighted']:.4f} / {m['recall_weighted']:.4f} / {m['f1_weighted']:.4f}",
         f"macro    P / R / F1 {m['precision_macro']:.4f} / {m['recall_macro']:.4f} / {m['f1_macro']:.4f}",
-        f"ROC AUC (OvR macro) {m['auc_ovr_macro']:.4f}" if m.get("auc_ovr_macro") is not None else "ROC AUC n/a",
+        f"ROC AUC (OvR macro) {m['auc_ovr_macro']:.4f}" if m.get("auc_ovr_macro") is not None
+        else f"ROC AUC n/a ({m.get('auc_note', 'undefined')})",
         f"parameters          {m['params_keras']:,} (Keras count), {m['params_trainable']:,} trainable",
         f"model size          {m['model_size_mb']:.2f} MB",
     ]
-    if "cpu" in m:
-        c = m["cpu"]
-        lines.append(f"CPU inference       {c['throughput_images_per_s']:.0f} images/s "
-                     f"at batch {c['throughput_batch']}, "
-                     f"{c['latency_ms_batch1']:.2f} ms at batch 1 ({c['threads']} threads)")
+    speed = m.get("speed") or m.get("cpu")  # "cpu": runs evaluated before other devices existed
+    if speed:
+        lines.append(f"inference speed     {speed['throughput_images_per_s']:.0f} images/s "
+                     f"at batch {speed['throughput_batch']}, {speed['latency_ms_batch1']:.2f} ms at batch 1 "
+                     f"({speed.get('device', 'cpu')}, {speed['threads']} threads)")
     lines.append("")
     lines.append(f"{'class':<14}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
     for c in class_names:

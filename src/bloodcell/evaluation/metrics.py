@@ -25,8 +25,10 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: l
     present = np.unique(y_true)
     if len(present) == len(labels):
         out["auc_ovr_macro"] = float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=labels))
-    else:
-        out["auc_ovr_macro"] = None  # undefined when a class is absent from this split
+    else:  # undefined when a class is absent from this split: null in JSON, with the reason
+        out["auc_ovr_macro"] = None
+        missing = [class_names[i] for i in labels if i not in set(present.tolist())]
+        out["auc_note"] = f"undefined: no images of {', '.join(missing)} in this split"
     out["per_class"] = classification_report(
         y_true, y_pred, labels=labels, target_names=class_names, output_dict=True, zero_division=0
     )

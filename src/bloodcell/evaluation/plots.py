@@ -4,21 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+from bloodcell.plotting import plt, save_figure
 
 
 def confusion_matrix_png(cm: np.ndarray, class_names: list[str], path: str | Path, title: str = "") -> Path:
@@ -36,7 +24,7 @@ def confusion_matrix_png(cm: np.ndarray, class_names: list[str], path: str | Pat
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix (counts; colour = row rate)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def class_counts_png(counts: dict[str, list[int]], class_names: list[str], path: str | Path, title: str) -> Path:
@@ -49,7 +37,7 @@ def class_counts_png(counts: dict[str, list[int]], class_names: list[str], path:
     ax.set_ylabel("images")
     ax.set_title(title)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def sample_grid_png(images: np.ndarray, labels: np.ndarray, class_names: list[str], path: str | Path,
@@ -68,7 +56,7 @@ def sample_grid_png(images: np.ndarray, labels: np.ndarray, class_names: list[st
         axes[c][0].text(-0.1, 0.5, class_names[c], transform=axes[c][0].transAxes, ha="right", va="center")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def history_png(history: list[dict], path: str | Path, title: str = "") -> Path:
@@ -86,7 +74,7 @@ def history_png(history: list[dict], path: str | Path, title: str = "") -> Path:
     a2.legend()
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bar_metric_png(labels: list[str], means: list[float | None], stds: list[float], paper: list[float | None],
@@ -108,7 +96,7 @@ def bar_metric_png(labels: list[str], means: list[float | None], stds: list[floa
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def metric_vs_cost_png(labels: list[str], values: list[float | None], seconds: list[float | None],
@@ -126,7 +114,7 @@ def metric_vs_cost_png(labels: list[str], values: list[float | None], seconds: l
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def line_style(k: int) -> dict:
@@ -168,4 +156,4 @@ def curves_png(histories: dict[str, list[dict]], path: str | Path, keys: tuple[s
                 ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,6 +1,6 @@
 """Error analysis of a run: galleries of right and wrong predictions, and the most-confused class pairs.
 
-Everything comes from one prediction pass over the split (``predict_logits``, as ``evaluate`` does).
+Everything comes from one prediction pass over the split, through the run's ``Classifier`` (as ``evaluate``).
 """
 
 from __future__ import annotations
@@ -8,28 +8,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from bloodcell.data.tensors import Normalizer, to_uint8_nchw
-from bloodcell.evaluation.evaluate import weights_path
 from bloodcell.explain.common import SplitData, load_run_split
 from bloodcell.explain.figures import gallery_png
+from bloodcell.inference import Classifier
 from bloodcell.io import csv_text, write_text
-from bloodcell.training.checkpoint import load_model
-from bloodcell.training.config import TrainConfig
-from bloodcell.training.loop import predict_logits, set_threads
 
 
-def predict_split(run_dir: str | Path, split: str = "test", checkpoint: str = "best") -> tuple[SplitData, np.ndarray]:
+def predict_split(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
+                  device: str = "auto") -> tuple[SplitData, np.ndarray]:
     """The split and the run's probabilities for it (one pass)."""
-    run_dir = Path(run_dir)
-    cfg = TrainConfig.load(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
-    set_threads(cfg.threads if cfg else None)
-    model, meta = load_model(weights_path(run_dir, checkpoint))
-    d = load_run_split(run_dir, split, meta["class_names"])
-    norm = Normalizer(**(meta.get("normalization") or {}))
-    logits = predict_logits(model.to(memory_format=torch.channels_last), to_uint8_nchw(d.images), norm)
-    return d, torch.softmax(logits, 1).numpy()
+    clf = Classifier.from_run(run_dir, checkpoint, device=device)
+    d = load_run_split(run_dir, split, clf.class_names)
+    return d, clf.predict_arrays(d.images)
 
 
 def confused_pairs(labels: np.ndarray, pred: np.ndarray, class_names: list[str]) -> list[dict]:
@@ -83,11 +74,11 @@ def pairs_markdown(pairs: list[dict], d: SplitData, run: str, accuracy: float, e
 
 
 def error_analysis(run_dir: str | Path, split: str = "test", per_class: int = 8, out: str | Path | None = None,
-                   checkpoint: str = "best", top_pairs: int = 8) -> dict:
+                   checkpoint: str = "best", top_pairs: int = 8, device: str = "auto") -> dict:
     """Write galleries and confused-pair tables for ``run_dir`` into ``out`` (default RUN/errors_SPLIT)."""
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / f"errors_{split}"
-    d, probs = predict_split(run_dir, split, checkpoint)
+    d, probs = predict_split(run_dir, split, checkpoint, device)
     pred = probs.argmax(1)
     acc = float((pred == d.labels).mean())
     pairs = confused_pairs(d.labels, pred, d.class_names)

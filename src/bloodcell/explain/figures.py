@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bloodcell.evaluation.plots import _save, plt
+from bloodcell.plotting import plt, save_figure
 
 
 def _norm_map(m: np.ndarray) -> np.ndarray:
@@ -33,7 +33,7 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, path: str | Path, title:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def heatmap_grid_png(images: np.ndarray, labels: np.ndarray, class_names: list[str],
@@ -58,7 +58,7 @@ def heatmap_grid_png(images: np.ndarray, labels: np.ndarray, class_names: list[s
         axes[c][0].text(-0.1, 0.5, class_names[c], transform=axes[c][0].transAxes, ha="right", va="center")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def per_class_bar_png(values: dict[str, float | None], baseline: float, path: str | Path, title: str,
@@ -72,7 +72,7 @@ def per_class_bar_png(values: dict[str, float | None], baseline: float, path: st
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def gallery_png(rows: list[tuple[str, list[tuple[np.ndarray, str]]]], path: str | Path, title: str = "",
@@ -91,4 +91,4 @@ def gallery_png(rows: list[tuple[str, list[tuple[np.ndarray, str]]]], path: str 
         axes[r][0].text(-0.1, 0.5, label, transform=axes[r][0].transAxes, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

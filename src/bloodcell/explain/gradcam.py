@@ -33,7 +33,7 @@ from torch import nn
 
 from bloodcell.data.tensors import to_uint8_nchw
 from bloodcell.errors import BloodcellError
-from bloodcell.predict import Predictor
+from bloodcell.inference import Classifier
 
 CENTRE_RADIUS = 0.35  # of the image side
 # A 2x2 map upsamples to four mirror-symmetric quadrants: every centred measurement of it equals the uniform
@@ -71,7 +71,7 @@ def spatial_layers(model: nn.Module, size: int) -> list[LayerInfo]:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, size, size))
+            model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
@@ -115,38 +115,41 @@ def _without_inplace(model: nn.Module) -> nn.Module:
 
 
 class GradCam:
-    """Grad-CAM of a trained run's model, with the ``Predictor``'s preprocessing."""
+    """Grad-CAM of a trained model, with its ``Classifier``'s preprocessing and device."""
 
-    def __init__(self, predictor: Predictor, layer: str | None = None):
-        self.predictor = predictor
-        self.size = int(predictor.meta["input_size"])
-        self.model = _without_inplace(predictor.model)
+    def __init__(self, classifier: Classifier, layer: str | None = None):
+        self.classifier = classifier
+        self.size = classifier.input_size
+        self.model = _without_inplace(classifier.model)
         self.layer_name, layer_module = find_layer(self.model, self.size, layer)
         self.cam = LayerGradCam(self.model, layer_module)
 
     def class_index(self, name: str) -> int:
-        if name not in self.predictor.class_names:
-            raise BloodcellError(f"unknown class '{name}' (classes: {', '.join(self.predictor.class_names)})")
-        return self.predictor.class_names.index(name)
+        if name not in self.classifier.class_names:
+            raise BloodcellError(f"--class '{name}' is not one of the model's classes "
+                                 f"({', '.join(self.classifier.class_names)})")
+        return self.classifier.class_names.index(name)
 
     def maps(self, images: np.ndarray, targets: np.ndarray | None = None, batch_size: int = 64
              ) -> tuple[np.ndarray, np.ndarray]:
         """Signed heatmaps (N x H x W at input size) and the probabilities; target None = predicted class."""
-        probs = self.predictor.predict_arrays(images)
+        probs = self.classifier.predict_arrays(images)
         targets = probs.argmax(1) if targets is None else np.broadcast_to(np.asarray(targets), len(images))
-        return heatmaps(self.cam, self.predictor.norm, images, targets, batch_size), probs
+        return heatmaps(self.cam, self.classifier.norm, images, targets, batch_size), probs
 
 
 def heatmaps(cam: LayerGradCam, norm, images: np.ndarray, targets: np.ndarray,
              batch_size: int = 64) -> np.ndarray:
     """captum Grad-CAM (no ReLU, so the sign is kept) upsampled bilinearly to the images' size."""
     h, w = images.shape[1:3]
+    device = next(cam.forward_func.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
-        x = norm(to_uint8_nchw(images[i : i + batch_size]))
-        t = torch.tensor(np.array(targets[i : i + batch_size]), dtype=torch.long)
+        x = norm(to_uint8_nchw(images[i : i + batch_size]).to(device))
+        t = torch.tensor(np.array(targets[i : i + batch_size]), dtype=torch.long, device=device)
         a = cam.attribute(x, target=t, relu_attributions=False)
-        out.append(LayerAttribution.interpolate(a, (h, w), interpolate_mode="bilinear").detach()[:, 0].numpy())
+        a = LayerAttribution.interpolate(a, (h, w), interpolate_mode="bilinear").detach()
+        out.append(a[:, 0].float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, h, w), np.float32)
 
 
@@ -177,23 +180,23 @@ def rank_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=float)
 
 
-def randomised_copy(predictor: Predictor, seed: int = 0) -> nn.Module:
+def randomised_copy(classifier: Classifier, seed: int = 0) -> nn.Module:
     """The same architecture with fresh random weights (the model-randomisation test's control)."""
     from bloodcell.models import create_model
 
-    meta = predictor.meta
+    meta = classifier.meta
     torch.manual_seed(seed)
-    model = create_model(meta["model"], num_classes=len(meta["class_names"]), input_size=int(meta["input_size"]),
+    model = create_model(meta["model"], num_classes=classifier.num_classes, input_size=classifier.input_size,
                          **meta.get("model_args", {}))
-    return _without_inplace(model)
+    return _without_inplace(model.to(classifier.device))
 
 
 def randomisation_check(gc: GradCam, images: np.ndarray, targets: np.ndarray, seed: int = 0) -> np.ndarray:
     """Per image: Spearman correlation of trained vs re-initialised model maps for the same target class."""
-    trained = heatmaps(gc.cam, gc.predictor.norm, images, targets)
-    random_model = randomised_copy(gc.predictor, seed)
+    trained = heatmaps(gc.cam, gc.classifier.norm, images, targets)
+    random_model = randomised_copy(gc.classifier, seed)
     layer = random_model.get_submodule(gc.layer_name)
-    random_maps = heatmaps(LayerGradCam(random_model, layer), gc.predictor.norm, images, targets)
+    random_maps = heatmaps(LayerGradCam(random_model, layer), gc.classifier.norm, images, targets)
     return rank_correlations(trained, random_maps)
 
 

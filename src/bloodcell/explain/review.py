@@ -13,17 +13,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bloodcell.data.store import PreparedData, load_dataset
-from bloodcell.data.tensors import Normalizer, to_uint8_nchw
 from bloodcell.errors import BloodcellError
 from bloodcell.explain.common import split_paths
 from bloodcell.explain.figures import gallery_png
+from bloodcell.inference import Classifier
 from bloodcell.io import csv_text, write_text
-from bloodcell.training.checkpoint import load_model
 from bloodcell.training.config import TrainConfig
-from bloodcell.training.loop import predict_logits, train
+from bloodcell.training.loop import train
 
 REVIEW_FIELDS = ["rank", "path", "split", "index", "given_label", "suggested_label", "score", "flagged",
                  "action", "new_label"]
@@ -70,10 +68,8 @@ def out_of_sample_probs(data: PreparedData, cfg: TrainConfig, folds: int, seed: 
             log(f"fold {k + 1}/{folds}: training on {len(tr)}, predicting {len(held)}")
             run = Path(tmp) / f"fold{k}"
             train(cfg, run, data=fold_data(data, images, labels, tr, held), log=lambda s: None, progress=False)
-            model, meta = load_model(run / "last.safetensors")
-            norm = Normalizer(**(meta.get("normalization") or {}))
-            logits = predict_logits(model.to(memory_format=torch.channels_last), to_uint8_nchw(images[held]), norm)
-            probs[held] = torch.softmax(logits.double(), 1).numpy()
+            clf = Classifier.from_run(run, "last", device=cfg.device)
+            probs[held] = clf.predict_arrays(images[held]).astype(np.float64)
     return probs
 
 
@@ -104,17 +100,19 @@ def rows_csv(rows: list[dict]) -> str:
     return csv_text(REVIEW_FIELDS, rows)
 
 
-def review_dataset(data_name: str, size: int = 64, model: str = "se-cnn", folds: int = 5, epochs: int = 5,
+def review_dataset(data_name: str, *, size: int = 64, model: str = "se-cnn", folds: int = 5, epochs: int = 5,
                    out: str | Path | None = None, data_dir: str | None = None, top: int = 200, gallery: int = 32,
                    seed: int = 0, threads: int | None = None, model_args: dict | None = None, batch_size: int = 64,
-                   lr: float = 1e-3, log=print) -> dict:
-    """Cross-validated probabilities -> cleanlab ranking -> ``label_review.csv`` and ``suspects.png``."""
+                   lr: float = 1e-3, device: str = "auto", log=print) -> dict:
+    """Cross-validated probabilities -> cleanlab ranking -> ``label_review.csv`` and ``suspects.png``.
+
+    Each fold model trains with the recommended recipe (``TrainConfig``'s defaults) for ``epochs``."""
     data = load_dataset(data_name, size, data_dir)
     name = data.meta.get("name", data_name)
     out = Path(out) if out else Path("runs") / f"review_{name}{size}_{model}"
     cfg = TrainConfig(model=model, model_args=model_args or {}, data=data_name, size=size, data_dir=data_dir,
-                      epochs=epochs, batch_size=batch_size, seed=seed, lr=lr, schedule="cosine", augment="dihedral",
-                      threads=threads).validate()
+                      epochs=epochs, batch_size=batch_size, seed=seed, lr=lr, threads=threads,
+                      device=device).validate()
     probs = out_of_sample_probs(data, cfg, folds, seed, log)
     rows = review_rows(data, probs, top)
     write_text(out / "label_review.csv", rows_csv(rows))

@@ -8,23 +8,23 @@ import numpy as np
 
 from bloodcell.data.images import ImageDecodeError, list_image_files
 from bloodcell.errors import BloodcellError
-from bloodcell.evaluation.benchmark import run_label
 from bloodcell.explain.common import limit_indices, load_run_split, pick_per_class
 from bloodcell.explain.figures import heatmap_grid_png, overlay_png, per_class_bar_png
 from bloodcell.explain.gradcam import GradCam, measure
+from bloodcell.inference import Classifier
 from bloodcell.io import write_json
-from bloodcell.predict import Predictor
+from bloodcell.runfolder import run_label
 
 
 def explain_files(run_dir: str | Path, paths: list[str], layer: str | None = None, target: str | None = None,
-                  out: str | Path | None = None, checkpoint: str = "best") -> list[dict]:
+                  out: str | Path | None = None, checkpoint: str = "best", device: str = "auto") -> list[dict]:
     """One overlay PNG per image file, for the predicted class or ``target``."""
-    gc = GradCam(Predictor(run_dir, checkpoint), layer)
-    out = Path(out) if out else Path(run_dir) / "explain"
+    gc = GradCam(Classifier.from_run(run_dir, checkpoint, device=device), layer)
+    out = Path(out) if out else _default_out(run_dir)
     results = []
     for f in list_image_files(paths):
         try:
-            img = gc.predictor.preprocess(f)
+            img, warnings = gc.classifier.preprocess(f)
         except ImageDecodeError as e:
             results.append({"path": str(f), "error": str(e)})
             continue
@@ -32,10 +32,11 @@ def explain_files(run_dir: str | Path, paths: list[str], layer: str | None = Non
         t = None if target is None else gc.class_index(target)
         maps, probs = gc.maps(arr, t)
         cls = int(probs[0].argmax()) if t is None else t
-        name = gc.predictor.class_names[cls]
+        name = gc.classifier.class_names[cls]
         png = overlay_png(arr[0], maps[0], out / f"{f.stem}_gradcam_{name}.png",
                           f"{f.name}: Grad-CAM for '{name}' (p={probs[0, cls]:.3f}), layer {gc.layer_name}")
-        results.append({"path": str(f), "class": name, "probability": float(probs[0, cls]), "png": str(png)})
+        results.append({"path": str(f), "class": name, "probability": float(probs[0, cls]), "png": str(png),
+                        "warnings": warnings})
     if not results:
         raise BloodcellError("no image files found in the given paths")
     return results
@@ -43,7 +44,7 @@ def explain_files(run_dir: str | Path, paths: list[str], layer: str | None = Non
 
 def grid(run_dirs: list[str | Path], split: str = "test", per_class: int = 4, layer: str | None = None,
          out: str | Path | None = None, checkpoint: str | list[str] = "best", seed: int = 0,
-         names: list[str] | None = None) -> Path:
+         names: list[str] | None = None, device: str = "auto") -> Path:
     """Test images per class with each run's heatmap side by side (the first run's dataset).
 
     ``checkpoint`` is one for all runs or one per run (suite runs are tested on their last epoch); ``names`` name
@@ -51,21 +52,28 @@ def grid(run_dirs: list[str | Path], split: str = "test", per_class: int = 4, la
     ckpts = [checkpoint] * len(run_dirs) if isinstance(checkpoint, str) else list(checkpoint)
     if len(ckpts) != len(run_dirs):
         raise BloodcellError("give one checkpoint, or one per run")
-    cams = [GradCam(Predictor(r, c), layer if k == 0 else None) for k, (r, c) in enumerate(zip(run_dirs, ckpts))]
-    d = load_run_split(run_dirs[0], split, cams[0].predictor.class_names)
+    cams = [GradCam(Classifier.from_run(r, c, device=device), layer if k == 0 else None)
+            for k, (r, c) in enumerate(zip(run_dirs, ckpts))]
+    d = load_run_split(run_dirs[0], split, cams[0].classifier.class_names)
     idx = pick_per_class(d.labels, per_class, seed)
     images, labels = d.images[idx], d.labels[idx]
     maps, captions = {}, {}
     for k, (r, gc) in enumerate(zip(run_dirs, cams)):
-        if gc.predictor.class_names != d.class_names or gc.size != images.shape[1]:
+        if gc.classifier.class_names != d.class_names or gc.size != images.shape[1]:
             raise BloodcellError(f"{r}: its classes or input size differ from {run_dirs[0]}'s; cannot compare")
         m, probs = gc.maps(images)
         key = _unique_name(names[k] if names else run_label(Path(r)), maps)
         maps[key] = m
         captions[key] = [f"{d.class_names[p]} {probs[i, p]:.2f}" for i, p in enumerate(probs.argmax(1))]
-    out = Path(out) if out else Path(run_dirs[0]) / "explain"
+    out = Path(out) if out else _default_out(run_dirs[0])
     return heatmap_grid_png(images, labels, d.class_names, maps, captions, out / f"gradcam_grid_{split}.png",
                             f"Grad-CAM (predicted class) on {d.dataset} {split}")
+
+
+def _default_out(run_or_file: str | Path) -> Path:
+    """RUN/explain, or beside a bare weights file."""
+    p = Path(run_or_file)
+    return (p if p.is_dir() else p.parent) / "explain"
 
 
 def _unique_name(name: str, taken: dict) -> str:
@@ -76,10 +84,10 @@ def _unique_name(name: str, taken: dict) -> str:
 
 
 def report(run_dir: str | Path, split: str = "test", limit: int | None = None, layer: str | None = None,
-           randomisation_images: int = 64, checkpoint: str = "best", seed: int = 0) -> dict:
+           randomisation_images: int = 64, checkpoint: str = "best", seed: int = 0, device: str = "auto") -> dict:
     """Centre energy share and model-randomisation check over the split; JSON + bar chart in RUN/explain."""
-    gc = GradCam(Predictor(run_dir, checkpoint), layer)
-    d = load_run_split(run_dir, split, gc.predictor.class_names)
+    gc = GradCam(Classifier.from_run(run_dir, checkpoint, device=device), layer)
+    d = load_run_split(run_dir, split, gc.classifier.class_names)
     idx = limit_indices(len(d.labels), limit, d.labels, seed)
     r = measure(gc, d.images[idx], d.labels[idx], d.class_names, randomisation_images, seed)
     r.update({"run": str(run_dir), "split": split, "checkpoint": checkpoint, "dataset": d.dataset})

@@ -17,29 +17,13 @@ from __future__ import annotations
 
 from bloodcell.models.cnn import PaperCNN
 from bloodcell.models.registry import register_model
+from bloodcell.paper import TABLE2
 
-# (conv blocks, pool after last block, dense units, batch norm) for Table 2 rows 1..13, with the paper's results.
-TABLE2_ROWS: tuple[tuple[int, int, int, bool, str], ...] = (
-    (3, 0, 0, False, "acc 0.91, F1 0.91"),
-    (3, 1, 0, False, "acc 0.91, F1 0.91"),
-    (4, 0, 0, False, "acc 0.93, F1 0.93"),
-    (4, 1, 0, False, "acc 0.87, F1 0.87"),
-    (4, 1, 0, True, "acc 0.95, F1 0.95"),
-    (3, 0, 128, False, "acc 0.92, F1 0.92"),
-    (3, 0, 256, False, "acc 0.92, F1 0.92"),
-    (3, 1, 128, False, "acc 0.91, F1 0.91"),
-    (3, 1, 256, False, "acc 0.90, F1 0.91"),
-    (4, 0, 128, False, "acc 0.93, F1 0.93"),
-    (4, 0, 256, False, "acc 0.91, F1 0.91"),
-    (4, 1, 128, False, "acc 0.92, F1 0.92"),
-    (4, 1, 256, False, "acc 0.91, F1 0.91"),
-)
 WIDTHS = (32, 64, 128, 256)
 
-for _row, (_layers, _pool, _dense, _bn, _result) in enumerate(TABLE2_ROWS, start=1):
+for _row, (_layers, _pool, _dense, _bn, *_paper_result) in enumerate(TABLE2, start=1):
     register_model(
         f"cnn-t2-{_row}", PaperCNN, "cnn-table2",
-        f"Table 2 row {_row}: layers {_layers}, maxpool {_pool}, dense {_dense}"
-        f"{', batch norm' if _bn else ''} (paper: {_result})",
+        f"Table 2 row {_row}: layers {_layers}, maxpool {_pool}, dense {_dense}{', batch norm' if _bn else ''}",
         widths=WIDTHS[:_layers], pool="stride2", pool_last=bool(_pool), hidden=_dense, batch_norm=_bn,
     )

@@ -19,7 +19,7 @@ from torch import nn
 
 from bloodcell.data.tensors import Normalizer
 from bloodcell.io import csv_text, write_text
-from bloodcell.training.checkpoint import load_state_file, restore_training_state, save_state
+from bloodcell.training.checkpoint import load_state_file, restore_training_state, rng_state, save_state
 from bloodcell.training.config import TrainConfig
 
 AE_HISTORY_FIELDS = ["epoch", "train_mse", "val_mse", "seconds"]
@@ -29,11 +29,11 @@ PRETRAIN_STATE = "pretrain_state.pt"
 @torch.inference_mode()
 def reconstruction_mse(autoencoder: nn.Module, images: torch.Tensor, norm: Normalizer, batch_size: int = 256) -> float:
     autoencoder.eval()
-    total = 0.0
+    total = torch.zeros((), device=images.device)
     for i in range(0, len(images), batch_size):
         xb = images[i : i + batch_size]
-        total += F.mse_loss(autoencoder(norm(xb)), xb.float() / 255, reduction="sum").item()
-    return total / max(1, images.numel())
+        total += F.mse_loss(autoencoder(norm(xb)), xb.float() / 255, reduction="sum")
+    return float(total) / max(1, images.numel())
 
 
 @torch.inference_mode()
@@ -54,7 +54,7 @@ def pretrain(model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, norm:
     Resumable like the classifier stage: each epoch's state goes to ``pretrain_state.pt`` (kept, so a run stopped
     before its first classifier epoch does not pre-train again), and an interrupted run continues from it.
     """
-    autoencoder = model.make_autoencoder().to(memory_format=torch.channels_last)
+    autoencoder = model.make_autoencoder().to(x_train.device, memory_format=torch.channels_last)
     model.freeze_encoder(False)
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=cfg.lr)
     epochs = getattr(model, "pretrain_epochs", None) or cfg.epochs
@@ -68,22 +68,22 @@ def pretrain(model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, norm:
     for epoch in range(start, epochs):
         autoencoder.train()
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen)
-        loss_sum = 0.0
+        perm = torch.randperm(n, generator=gen).to(x_train.device)
+        loss_sum = torch.zeros((), device=x_train.device)  # on the device: no host sync per batch
         for i in range(0, n, bs):
             xb = x_train[perm[i : i + bs]]
             loss = F.mse_loss(autoencoder(norm(xb)), xb.float() / 255)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(xb)
+            loss_sum += loss.detach() * len(xb)
         val_mse = reconstruction_mse(autoencoder, x_val, norm)
-        row = {"epoch": epoch + 1, "train_mse": round(loss_sum / n, 6), "val_mse": round(val_mse, 6),
+        row = {"epoch": epoch + 1, "train_mse": round(float(loss_sum) / n, 6), "val_mse": round(val_mse, 6),
                "seconds": round(time.perf_counter() - t0, 3)}
         history.append(row)
         write_text(out / "history_autoencoder.csv", csv_text(AE_HISTORY_FIELDS, history))
-        save_state(state_path, {"autoencoder": autoencoder.state_dict(), "optimizer": optimizer.state_dict(),
-                                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+        save_state(state_path, {"autoencoder": {k: v.detach().cpu() for k, v in autoencoder.state_dict().items()},
+                                "optimizer": optimizer.state_dict(), "generator": gen.get_state(), **rng_state(),
                                 "history": history, "epoch": epoch})
         log(f"autoencoder {epoch + 1:>3}/{epochs}  mse {row['train_mse']:.5f}  val_mse {val_mse:.5f}  "
             f"{row['seconds']:.1f}s")

@@ -1,81 +1,18 @@
-"""Weights as safetensors with JSON metadata, and the resumable training state; all writes atomic.
+"""The resumable training state (``state.pt``): saved atomically, loaded with ``weights_only=True``.
 
-Nothing here unpickles: weights load with safetensors, training state with ``weights_only=True``.
+Weights files (safetensors) live in ``bloodcell.inference.weights``; this is only the loop's own state.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from bloodcell.errors import BloodcellError
+from bloodcell.inference.weights import load_state
 from bloodcell.io import atomic_write
-
-FORMAT = "bloodcell-weights-1"
-
-
-def save_weights(path: str | Path, model: nn.Module, meta: dict) -> None:
-    """State dict (parameters and BatchNorm statistics) + metadata needed to rebuild and use the model."""
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    header = {"format": FORMAT, "bloodcell": json.dumps(meta)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-
-
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and metadata of a weights file, or a one-line error naming what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise BloodcellError(f"{path}: weights file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise BloodcellError(f"{path}: corrupt or not a safetensors weights file ({e})") from None
-    if header.get("format") != FORMAT or "bloodcell" not in header:
-        raise BloodcellError(f"{path}: safetensors file without bloodcell metadata (not saved by bloodcell)")
-    try:
-        meta = json.loads(header["bloodcell"])
-    except json.JSONDecodeError:
-        raise BloodcellError(f"{path}: bloodcell metadata is not valid JSON") from None
-    return tensors, meta
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model named in the file's metadata and load its weights, in eval mode."""
-    from bloodcell.models import create_model
-
-    tensors, meta = read_weights(path)
-    try:
-        model = create_model(
-            meta["model"], num_classes=len(meta["class_names"]), input_size=int(meta["input_size"]),
-            **meta.get("model_args", {}),
-        )
-    except KeyError as e:
-        raise BloodcellError(f"{path}: metadata lacks {e}") from None
-    load_state(model, tensors, path)
-    return model.eval(), meta
-
-
-def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise BloodcellError(
-            f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    for k, v in tensors.items():
-        if v.shape != expected[k].shape:
-            raise BloodcellError(
-                f"{path}: weight '{k}' has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}"
-            )
-    model.load_state_dict(tensors)
 
 
 def save_state(path: str | Path, state: dict) -> None:
@@ -96,13 +33,26 @@ def load_state_file(path: str | Path, required: tuple[str, ...] = ()) -> dict:
     return state
 
 
+def rng_state() -> dict:
+    """The global generators dropout and init draw from: the CPU's, and every CUDA device's when present."""
+    out = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return out
+
+
 def restore_training_state(state: dict, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                           gen: torch.Generator) -> None:
-    """Put back weights, optimizer and generators; a state saved by another model fails by name, not traceback."""
+                           gen: torch.Generator, scaler=None) -> None:
+    """Put back weights, optimizer, generators (and the fp16 grad scaler); a state saved by another model
+    fails by name, not traceback."""
     load_state(model, state["model"], path)
     try:
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
     except (ValueError, RuntimeError, KeyError, TypeError) as e:
         raise BloodcellError(f"{path}: the training state does not fit this run ({e})") from None

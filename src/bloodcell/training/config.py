@@ -1,4 +1,8 @@
-"""The typed description of a training run, saved beside its results so the run can be repeated."""
+"""The typed description of a training run, saved beside its results so the run can be repeated.
+
+The defaults are the recommended recipe (what ``bloodcell train`` trains); the paper's settings are the
+named preset ``paper`` (``--recipe paper``), which the paper's suites use.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,11 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bloodcell.choices import AUGMENTS, BALANCES, DEVICES, OPTIMIZERS, PRECISIONS, RECIPE_SETTINGS, SCHEDULES
 from bloodcell.errors import BloodcellError
 from bloodcell.io import read_json, write_json
 
-SCHEDULES = ("paper", "exp", "cosine", "constant")
-AUGMENTS = ("none", "flip", "dihedral")
-BALANCES = ("none", "augment", "smote", "class-weight")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-PRECISIONS = ("fp32", "bf16")
+_R = RECIPE_SETTINGS["recommended"]  # the defaults below are the recommended recipe, read from its one source
 
 
 @dataclass
@@ -25,49 +26,70 @@ class TrainConfig:
     data: str = "bloodmnist"
     size: int = 64
     data_dir: str | None = None
-    epochs: int = 20
-    batch_size: int = 64
+    epochs: int = _R["epochs"]
+    batch_size: int = _R["batch_size"]
     seed: int = 0
-    optimizer: str | None = None  # None: the model's paper default (Adam, or SGD for Inception/ResNet)
-    lr: float = 1e-3
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    schedule: str = "paper"
-    normalize: bool = False  # subtract the training set's channel mean, divide by its std
-    augment: str = "none"
-    label_smoothing: float = 0.0
-    balance: str = "none"  # oversample the training split ("augment", "smote") or weigh the loss ("class-weight")
-    train_limit: int | None = None  # use only the first N training images (stratified), for smoke tests
+    optimizer: str | None = _R["optimizer"]  # None: the model's paper default (Adam, or SGD for Inception/ResNet)
+    lr: float = _R["lr"]
+    momentum: float = _R["momentum"]
+    weight_decay: float = _R["weight_decay"]
+    schedule: str = _R["schedule"]
+    normalize: bool = _R["normalize"]  # subtract the training set's channel mean, divide by its std
+    augment: str = _R["augment"]
+    label_smoothing: float = _R["label_smoothing"]
+    balance: str = _R["balance"]  # oversample the training split ("augment", "smote") or weigh the loss
+    train_limit: int | None = None  # use only N training images (stratified), for smoke tests
     threads: int | None = None
-    # "bf16": training forward passes under CPU bf16 autocast (fp32 master weights; validation and tests stay fp32).
-    # About 3x faster for the big models on CPUs with AMX/AVX-512 BF16, far slower on CPUs without them.
+    # "bf16"/"fp16": training forward passes under autocast (fp32 master weights; validation and tests stay
+    # fp32; fp16 with a gradient scaler). bf16 is about 3x faster for the big models on CPUs with AMX/AVX-512
+    # BF16 and far slower on CPUs without them.
     precision: str = "fp32"
+    device: str = "auto"  # auto: cuda, then mps, then cpu
 
-    def validate(self) -> TrainConfig:
-        if self.schedule not in SCHEDULES:
-            raise BloodcellError(f"unknown schedule '{self.schedule}' (known: {', '.join(SCHEDULES)})")
-        if self.augment not in AUGMENTS:
-            raise BloodcellError(f"unknown augmentation '{self.augment}' (known: {', '.join(AUGMENTS)})")
-        if self.balance not in BALANCES:
-            raise BloodcellError(f"unknown balancing '{self.balance}' (known: {', '.join(BALANCES)})")
-        if self.precision not in PRECISIONS:
-            raise BloodcellError(f"unknown precision '{self.precision}' (known: {', '.join(PRECISIONS)})")
+    def validate(self, where: str = "config") -> TrainConfig:
+        """Check every field's type and range; the error names the field."""
+        _check_type(self, where)
+        for name, allowed in (("schedule", SCHEDULES), ("augment", AUGMENTS), ("balance", BALANCES),
+                              ("precision", PRECISIONS), ("device", DEVICES)):
+            value = getattr(self, name)
+            if (value.split(":")[0] if name == "device" else value) not in allowed:
+                raise BloodcellError(f"{where}: {name} '{value}' is not one of {', '.join(allowed)}")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            raise BloodcellError(f"unknown optimizer '{self.optimizer}' (known: {', '.join(OPTIMIZERS)})")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise BloodcellError("epochs, batch size and learning rate must be positive")
+            raise BloodcellError(f"{where}: optimizer '{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
+        for name in ("epochs", "batch_size", "size"):
+            if getattr(self, name) < 1:
+                raise BloodcellError(f"{where}: {name} must be at least 1, not {getattr(self, name)}")
+        for name in ("train_limit", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise BloodcellError(f"{where}: {name} must be at least 1, not {getattr(self, name)}")
+        if not self.lr > 0:
+            raise BloodcellError(f"{where}: lr must be positive, not {self.lr}")
+        for name in ("momentum", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise BloodcellError(f"{where}: {name} must not be negative, not {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise BloodcellError(f"{where}: label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        if not self.model or not self.data:
+            raise BloodcellError(f"{where}: model and data must be non-empty names")
         return self
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> TrainConfig:
+    def from_dict(cls, d, where: str = "config") -> TrainConfig:
+        """A config from a saved dict: unknown, missing (of the fields every run has saved) or ill-typed fields
+        are errors naming the field, never silent defaults."""
+        if not isinstance(d, dict):
+            raise BloodcellError(f"{where}: expected a JSON object of config fields, found {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise BloodcellError(f"{where}: unknown config field(s) {', '.join(unknown)}")
-        return cls(**d).validate()
+        missing = [k for k in SAVED_ALWAYS if k not in d]
+        if missing:
+            raise BloodcellError(f"{where}: config lacks field(s) {', '.join(missing)}")
+        return cls(**d).validate(where)
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
@@ -75,3 +97,33 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(read_json(path), str(path))
+
+
+# Fields that every saved run has had since the first version: a config.json without one was edited or cut.
+SAVED_ALWAYS = ("model", "data", "size", "epochs", "batch_size", "seed", "lr", "schedule", "augment")
+
+PRESETS = RECIPE_SETTINGS
+
+
+def preset_config(recipe: str = "recommended", **fields) -> TrainConfig:
+    """The named recipe with ``fields`` on top (e.g. the CLI's explicit options)."""
+    if recipe not in PRESETS:
+        raise BloodcellError(f"--recipe '{recipe}' is not one of {', '.join(PRESETS)}")
+    return TrainConfig(**{**PRESETS[recipe], **fields}).validate()
+
+
+_NUMBER = (int, float)
+_TYPES = {"model": str, "model_args": dict, "data": str, "size": int, "data_dir": (str, type(None)),
+          "epochs": int, "batch_size": int, "seed": int, "optimizer": (str, type(None)), "lr": _NUMBER,
+          "momentum": _NUMBER, "weight_decay": _NUMBER, "schedule": str, "normalize": bool, "augment": str,
+          "label_smoothing": _NUMBER, "balance": str, "train_limit": (int, type(None)),
+          "threads": (int, type(None)), "precision": str, "device": str}
+
+
+def _check_type(cfg: TrainConfig, where: str) -> None:
+    for f in dataclasses.fields(cfg):
+        value, want = getattr(cfg, f.name), _TYPES[f.name]
+        wants = want if isinstance(want, tuple) else (want,)
+        if not isinstance(value, wants) or (isinstance(value, bool) and bool not in wants):  # True is an int
+            names = "/".join("null" if t is type(None) else t.__name__ for t in wants)
+            raise BloodcellError(f"{where}: field '{f.name}' must be {names}, not {value!r}")

@@ -1,10 +1,17 @@
-"""One training run: config in, run folder out (config, history, weights, metrics). Resumable."""
+"""One training run: config in, run folder out (config, history, weights, metrics). Resumable, on any device.
+
+``train`` is a sequence of named steps, each testable alone: ``prepare_training_data`` (the splits as uint8
+tensors on the device), ``build_model_and_optimizer``, ``run_epoch`` (no host synchronisation per batch:
+loss and correct counts accumulate as tensors), ``validate`` (through the inference ``Classifier``) and
+``save_checkpoint`` / ``load_checkpoint`` (everything needed to resume exactly, the CUDA RNG included).
+"""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,33 +32,61 @@ from bloodcell.data.tensors import (
     to_uint8_nchw,
 )
 from bloodcell.errors import BloodcellError
-from bloodcell.evaluation.machine import cpu_name
+from bloodcell.inference import Classifier, save_weights
 from bloodcell.io import csv_text, read_json, write_json, write_text
+from bloodcell.machine import (
+    configure_determinism,
+    cpu_name,
+    device_name,
+    machine_load,
+    resolve_device,
+    set_threads,
+)
 from bloodcell.models import count_params_keras, count_params_trainable, create_model, get_spec
-from bloodcell.training.checkpoint import load_state_file, restore_training_state, save_state, save_weights
+from bloodcell.training.checkpoint import load_state_file, restore_training_state, rng_state, save_state
 from bloodcell.training.config import TrainConfig
+from bloodcell.training.lock import run_lock
 from bloodcell.training.schedules import lr_factor
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "load"]
 STATE_KEYS = ("model", "optimizer", "generator", "torch_rng", "history", "best", "epoch")
 PARTIAL_KEYS = ("next", "perm", "loss_sum", "correct", "seconds")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def machine_load() -> float:
-    """The 1-minute load average: above the thread count, other work competed for the CPU (nan if unknown)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on Windows
-        return float("nan")
+@dataclass
+class TrainingData:
+    """The training and validation splits as uint8 NCHW tensors on the training device, and what the loss and
+    the saved weights need to know about them."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    class_names: list[str]
+    size: int
+    recipe: dict
+    dataset: str | None
+    loss_weight: torch.Tensor | None = None
+    normalization: dict | None = None
 
 
-def set_threads(threads: int | None) -> int:
-    n = threads or os.cpu_count() or 1
-    torch.set_num_threads(n)
-    return n
+@dataclass
+class TrainState:
+    """What changes as training goes on; ``save_checkpoint`` writes all of it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": -1})
+    next_epoch: int = 0  # 0-based index of the next epoch to run
+    partial: dict | None = None  # where a stopped epoch ``next_epoch`` left off
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """``cfg.optimizer``, or the paper's choice for the model when it is None."""
     name = cfg.optimizer or get_spec(cfg.model).optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adam":
@@ -61,59 +96,8 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-@torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, norm: Normalizer, batch_size: int = 512) -> torch.Tensor:
-    """Logits for a whole uint8 NCHW tensor, in batches, in eval mode."""
-    model.eval()
-    return torch.cat([model(norm(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
-
-
-def weights_meta(cfg: TrainConfig, data: PreparedData, norm_stats: dict | None, epoch: int) -> dict:
-    """What a weights file carries so it can be used without the run folder: model, classes, recipe."""
-    recipe = data.meta.get("recipe") or Recipe(size=data.size).to_dict()
-    return {
-        "model": cfg.model,
-        "model_args": cfg.model_args,
-        "class_names": data.class_names,
-        "input_size": data.size,
-        "recipe": recipe,
-        "scaling": "divide by 255",
-        "normalization": norm_stats,
-        "epoch": epoch,
-        "dataset": data.meta.get("name"),
-        "bloodcell_version": __version__,
-    }
-
-
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool | None = None,
-          data: PreparedData | None = None, log=print, extend_to: int | None = None,
-          save_every: float = 300.0) -> dict:
-    """Train ``cfg`` into run folder ``out``; with ``resume`` continue from where it was stopped.
-
-    On resume the saved config is used; ``extend_to`` may raise its epoch count. Besides the state at the end of
-    each epoch, the state inside an epoch is saved every ``save_every`` seconds (an epoch of a large model takes
-    over half an hour on a 2-core CPU), so a killed run loses at most that much; the resumed run ends exactly
-    as an uninterrupted one.
-    Returns the training summary (also written to ``metrics.json`` under "training").
-    """
-    out = Path(out)
-    cfg.validate()
-    state_path, config_path = out / "state.pt", out / "config.json"
-    if resume:
-        if not config_path.is_file():
-            raise BloodcellError(f"{out}: no run to resume (config.json missing)")
-        saved = TrainConfig.load(config_path)
-        if extend_to and extend_to > saved.epochs:  # a resume may extend a run on request, never shorten it
-            saved.epochs = extend_to
-        cfg = saved
-    elif config_path.exists():
-        raise BloodcellError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
-
-    threads = set_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if data is None:
-        data = load_dataset(cfg.data, cfg.size, cfg.data_dir)
+def prepare_training_data(cfg: TrainConfig, data: PreparedData, device: torch.device) -> TrainingData:
+    """Subset, balance and (optionally) measure normalisation statistics on the host, then move to ``device``."""
     if data.size != cfg.size:
         raise BloodcellError(f"dataset '{cfg.data}' has {data.size}px images, but --size is {cfg.size}")
     x_train, y_train = split_tensors(data, "train")
@@ -127,125 +111,248 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                                             data.num_classes, cfg.balance, cfg.seed)
         x_train, y_train = to_uint8_nchw(imgs), torch.from_numpy(labels)
     elif cfg.balance == "class-weight":
-        loss_weight = class_weights(y_train.numpy(), data.num_classes)
-    norm_stats = None
+        loss_weight = class_weights(y_train.numpy(), data.num_classes).to(device)
+    normalization = None
     if cfg.normalize:
         mean, std = channel_stats(x_train)
-        norm_stats = {"mean": mean, "std": std}
-    norm = Normalizer(**(norm_stats or {}))
+        normalization = {"mean": mean, "std": std}
+    return TrainingData(
+        x_train.contiguous().to(device), y_train.to(device), x_val.contiguous().to(device), y_val.to(device),
+        class_names=list(data.class_names), size=data.size,
+        recipe=data.meta.get("recipe") or Recipe(size=data.size).to_dict(), dataset=data.meta.get("name"),
+        loss_weight=loss_weight, normalization=normalization)
 
-    model = create_model(cfg.model, num_classes=data.num_classes, input_size=data.size, **cfg.model_args)
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict] = []
-    best = {"val_acc": -1.0, "epoch": -1}
-    start, partial = 0, None
-    if resume and state_path.is_file():
-        st = load_state_file(state_path, STATE_KEYS)
-        partial = st.get("partial")  # set when the run was stopped inside epoch ``start + 1``
-        if partial is not None and (not isinstance(partial, dict) or set(PARTIAL_KEYS) - set(partial)):
-            raise BloodcellError(f"{state_path}: corrupt training state (the part-epoch record lacks "
-                                 f"{sorted(set(PARTIAL_KEYS) - set(partial or {}))}); delete it to start afresh")
-        restore_training_state(st, state_path, model, optimizer, gen)
-        history, best, start = [dict(h) for h in st["history"]], st["best"], st["epoch"] + 1
-        if partial:
-            log(f"resuming {out} in epoch {start + 1} of {cfg.epochs}, after {partial['next']} images")
-        else:
-            log(f"resuming {out} after epoch {start} of {cfg.epochs}")
-    elif not resume:
-        out.mkdir(parents=True, exist_ok=True)
-    cfg.save(config_path)
-    # e.g. the AutoClassifier's autoencoder stage, done once before the first classifier epoch
-    if getattr(model, "needs_pretraining", False) and start == 0 and not partial:
-        from bloodcell.training.autoencoder import pretrain
 
-        pretrain(model, x_train, x_val, norm, cfg, out, gen, log)
+def build_model_and_optimizer(cfg: TrainConfig, num_classes: int, size: int,
+                              device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The registry model on ``device`` (channels-last) and its optimizer; seeded by the caller."""
+    model = create_model(cfg.model, num_classes=num_classes, input_size=size, **cfg.model_args)
+    model = model.to(device, memory_format=torch.channels_last)
+    return model, make_optimizer(cfg, model)
 
-    params = {"keras": count_params_keras(model), "trainable": count_params_trainable(model)}
-    if progress is None:
-        progress = sys.stderr.isatty()
+
+def weights_meta(cfg: TrainConfig, td: TrainingData, epoch: int) -> dict:
+    """What a weights file carries so it can be used without the run folder: model, classes, recipe."""
+    return {
+        "model": cfg.model,
+        "model_args": cfg.model_args,
+        "class_names": td.class_names,
+        "input_size": td.size,
+        "recipe": td.recipe,
+        "scaling": "divide by 255",
+        "normalization": td.normalization,
+        "epoch": epoch,
+        "dataset": td.dataset,
+        "bloodcell_version": __version__,
+    }
+
+
+def classifier_for(state: TrainState, td: TrainingData) -> Classifier:
+    """The model being trained, seen through the inference core (so validation predicts as evaluate does)."""
+    recipe = Recipe.from_dict(td.recipe, where=f"dataset {td.dataset}")
+    return Classifier(state.model, class_names=td.class_names, recipe=recipe, normalization=td.normalization,
+                      device=td.x_val.device)
+
+
+def validate(clf: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Validation loss and accuracy (one host sync, at the end)."""
+    logits = clf.logits(x)
+    loss = F.cross_entropy(logits, y)
+    acc = (logits.argmax(1) == y).float().mean()
+    return float(loss), float(acc)
+
+
+def run_epoch(state: TrainState, td: TrainingData, cfg: TrainConfig, epoch: int, *, progress: bool = False,
+              save_every: float = 300.0, on_save: Callable[[dict], None] | None = None) -> dict:
+    """Train one epoch (or the rest of a stopped one); returns train_loss, train_acc and seconds.
+
+    Losses and correct counts stay on the device; the host reads them once, at the end (and when a part-epoch
+    state is saved every ``save_every`` seconds through ``on_save``).
+    """
     from tqdm import tqdm
 
-    n, bs = len(x_train), cfg.batch_size
+    model, optimizer, scaler, gen = state.model, state.optimizer, state.scaler, state.generator
+    device = td.x_train.device
+    n, bs = len(td.x_train), cfg.batch_size
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    norm = Normalizer(**(td.normalization or {})).to(device)
+    lr = cfg.lr * lr_factor(cfg.schedule, epoch, cfg.epochs)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    model.train()
+    t0 = last_save = time.perf_counter()
+    partial, state.partial = state.partial, None
+    if partial:  # the generators were restored with the state, so the rest of the epoch replays exactly
+        perm, first = partial["perm"], partial["next"]
+        loss_sum = torch.tensor(float(partial["loss_sum"]), dtype=acc_dtype, device=device)
+        correct = torch.tensor(int(partial["correct"]), device=device)
+        t0 -= partial["seconds"]
+    else:
+        perm, first = torch.randperm(n, generator=gen), 0
+        loss_sum = torch.zeros((), dtype=acc_dtype, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+    perm_dev = perm.to(device)
+    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(cfg.precision, torch.float32),
+                              enabled=cfg.precision != "fp32")
+    bar = tqdm(range(first, n, bs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress,
+               leave=False, initial=first // bs, total=-(-n // bs))
+    for i in bar:
+        idx = perm_dev[i : i + bs]
+        xb = augment_batch(td.x_train[idx], cfg.augment, gen)
+        yb = td.y_train[idx]
+        with autocast:
+            logits = model(norm(xb))
+            loss = F.cross_entropy(logits, yb, weight=td.loss_weight, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach().to(acc_dtype) * len(idx)
+        correct += (logits.argmax(1) == yb).sum()
+        if on_save and time.perf_counter() - last_save >= save_every and i + bs < n:
+            on_save({"next": i + bs, "perm": perm, "loss_sum": float(loss_sum), "correct": int(correct),
+                     "seconds": time.perf_counter() - t0})
+            last_save = time.perf_counter()
+    return {"train_loss": float(loss_sum) / n, "train_acc": int(correct) / n, "lr": lr,
+            "train_seconds": time.perf_counter() - t0}
 
-    def save_checkpoint(finished_epoch: int, inside: dict | None = None) -> None:
-        """Everything the loop needs to go on: after epoch ``finished_epoch`` (0-based), or ``inside`` the next."""
-        save_state(state_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "history": history, "best": best, "epoch": finished_epoch,
-            **({"partial": inside} if inside else {}),
-        })
 
-    for epoch in range(start, cfg.epochs):
-        lr = cfg.lr * lr_factor(cfg.schedule, epoch, cfg.epochs)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        model.train()
-        t0 = last_save = time.perf_counter()
-        if partial:  # the generators were restored with the state, so the rest of the epoch replays exactly
-            perm, first, loss_sum, correct = partial["perm"], partial["next"], partial["loss_sum"], partial["correct"]
-            loads = list(partial.get("loads", []))
-            t0 -= partial["seconds"]
-            partial = None
+def save_checkpoint(path: Path, state: TrainState, finished_epoch: int, inside: dict | None = None) -> None:
+    """Everything the loop needs to go on: after epoch ``finished_epoch`` (0-based), or ``inside`` the next."""
+    save_state(path, {
+        "model": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
+        "optimizer": state.optimizer.state_dict(), "generator": state.generator.get_state(),
+        "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
+        **rng_state(), "history": state.history, "best": state.best, "epoch": finished_epoch,
+        **({"partial": inside} if inside else {}),
+    })
+
+
+def load_checkpoint(path: Path, state: TrainState) -> None:
+    """Restore ``state`` from ``path`` (weights, optimizer, scaler, generators, history, where to go on)."""
+    st = load_state_file(path, STATE_KEYS)
+    partial = st.get("partial")  # set when the run was stopped inside epoch ``epoch + 2`` (1-based)
+    if partial is not None and (not isinstance(partial, dict) or set(PARTIAL_KEYS) - set(partial)):
+        raise BloodcellError(f"{path}: corrupt training state (the part-epoch record lacks "
+                             f"{sorted(set(PARTIAL_KEYS) - set(partial or {}))}); delete it to start afresh")
+    restore_training_state(st, path, state.model, state.optimizer, state.generator, state.scaler)
+    state.history, state.best = [dict(h) for h in st["history"]], dict(st["best"])
+    state.next_epoch, state.partial = st["epoch"] + 1, partial
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool | None = None,
+          data: PreparedData | None = None, log=print, extend_to: int | None = None,
+          save_every: float = 300.0) -> dict:
+    """Train ``cfg`` into run folder ``out``; with ``resume`` continue from where it was stopped.
+
+    On resume the saved config is used; ``extend_to`` may raise its epoch count. Besides the state at the end of
+    each epoch, the state inside an epoch is saved every ``save_every`` seconds (an epoch of a large model takes
+    over half an hour on a 2-core CPU), so a killed run loses at most that much; the resumed run ends exactly
+    as an uninterrupted one. The run folder is locked while training.
+    Returns the training summary (also written to ``metrics.json`` under "training").
+    """
+    out = Path(out)
+    cfg.validate()
+    if out.exists() and not out.is_dir():
+        raise BloodcellError(f"--out {out}: exists and is not a folder")
+    if resume:
+        if not (out / "config.json").is_file():
+            raise BloodcellError(f"{out}: no run to resume (config.json missing)")
+    else:
+        if (out / "config.json").exists():
+            raise BloodcellError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BloodcellError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
+    with run_lock(out):
+        return _train_locked(cfg, out, resume, progress, data, log, extend_to, save_every)
+
+
+def _train_locked(cfg: TrainConfig, out: Path, resume: bool, progress: bool | None, data: PreparedData | None,
+                  log, extend_to: int | None, save_every: float) -> dict:
+    state_path, config_path = out / "state.pt", out / "config.json"
+    if resume:
+        saved = TrainConfig.load(config_path)
+        if extend_to and extend_to > saved.epochs:  # a resume may extend a run on request, never shorten it
+            saved.epochs = extend_to
+        cfg = saved
+    elif config_path.exists():  # another process created it between our check and the lock
+        raise BloodcellError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
+    threads = set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    configure_determinism(device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if data is None:
+        data = load_dataset(cfg.data, cfg.size, cfg.data_dir)
+    td = prepare_training_data(cfg, data, device)
+    model, optimizer = build_model_and_optimizer(cfg, data.num_classes, data.size, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    state = TrainState(model, optimizer, scaler, torch.Generator().manual_seed(cfg.seed))
+    if resume and state_path.is_file():
+        load_checkpoint(state_path, state)
+        if state.partial:
+            log(f"resuming {out} in epoch {state.next_epoch + 1} of {cfg.epochs}, "
+                f"after {state.partial['next']} images")
         else:
-            perm, first, loss_sum, correct = torch.randperm(n, generator=gen), 0, 0.0, 0
-            loads = []
-        bar = tqdm(range(first, n, bs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=not progress, leave=False, initial=first // bs, total=-(-n // bs))
-        for i in bar:
-            idx = perm[i : i + bs]
-            xb = augment_batch(x_train[idx], cfg.augment, gen)
-            yb = y_train[idx]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                logits = model(norm(xb))
-                loss = F.cross_entropy(logits, yb, weight=loss_weight, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == yb).sum().item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            loads.append(machine_load())
-            if time.perf_counter() - last_save >= save_every and i + bs < n:
-                save_checkpoint(epoch - 1, {"next": i + bs, "perm": perm, "loss_sum": loss_sum, "correct": correct,
-                                            "seconds": time.perf_counter() - t0, "loads": loads})
-                last_save = time.perf_counter()
-        train_s = time.perf_counter() - t0
-        val_logits = predict_logits(model, x_val, norm)
-        val_loss = F.cross_entropy(val_logits, y_val).item()
-        val_acc = (val_logits.argmax(1) == y_val).float().mean().item()
-        row = {"epoch": epoch + 1, "train_loss": round(loss_sum / n, 6), "train_acc": round(correct / n, 6),
-               "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6), "lr": lr,
-               "seconds": round(time.perf_counter() - t0, 3), "load": round(float(np.mean(loads)), 2)}
-        history.append(row)
-        meta = weights_meta(cfg, data, norm_stats, epoch + 1)
-        if val_acc > best["val_acc"]:
-            best = {"val_acc": val_acc, "epoch": epoch + 1}
+            log(f"resuming {out} after epoch {state.next_epoch} of {cfg.epochs}")
+    cfg.save(config_path)
+    # e.g. the AutoClassifier's autoencoder stage, done once before the first classifier epoch
+    if getattr(model, "needs_pretraining", False) and state.next_epoch == 0 and not state.partial:
+        from bloodcell.training.autoencoder import pretrain
+
+        pretrain(model, td.x_train, td.x_val, Normalizer(**(td.normalization or {})).to(device), cfg, out,
+                 state.generator, log)
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    clf = classifier_for(state, td)
+    for epoch in range(state.next_epoch, cfg.epochs):
+        def save_inside(inside: dict, epoch: int = epoch) -> None:
+            save_checkpoint(state_path, state, epoch - 1, inside)
+
+        stats = run_epoch(state, td, cfg, epoch, progress=progress, save_every=save_every, on_save=save_inside)
+        t_val = time.perf_counter()
+        val_loss, val_acc = validate(clf, td.x_val, td.y_val)
+        seconds = stats["train_seconds"] + time.perf_counter() - t_val
+        row = {"epoch": epoch + 1, "train_loss": round(stats["train_loss"], 6),
+               "train_acc": round(stats["train_acc"], 6), "val_loss": round(val_loss, 6),
+               "val_acc": round(val_acc, 6), "lr": stats["lr"], "seconds": round(seconds, 3),
+               "load": machine_load()}  # sampled once per epoch: the last minute's load average
+        state.history.append(row)
+        meta = weights_meta(cfg, td, epoch + 1)
+        if val_acc > state.best["val_acc"]:
+            state.best = {"val_acc": val_acc, "epoch": epoch + 1}
             save_weights(out / "best.safetensors", model, meta)
         save_weights(out / "last.safetensors", model, meta)
-        write_text(out / "history.csv", csv_text(HISTORY_FIELDS, history))
-        save_checkpoint(epoch)
+        write_text(out / "history.csv", csv_text(HISTORY_FIELDS, state.history))
+        save_checkpoint(state_path, state, epoch)
         log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}  "
-            f"val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s "
-            f"(train {train_s:.1f}s, load {row['load']:.2f})")
+            f"val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  lr {stats['lr']:.2e}  {row['seconds']:.1f}s "
+            f"(train {stats['train_seconds']:.1f}s, load {row['load']})")
+    return _write_summary(cfg, out, state, td, threads, device)
 
-    secs = [h["seconds"] for h in history]
+
+def _write_summary(cfg: TrainConfig, out: Path, state: TrainState, td: TrainingData, threads: int,
+                   device: torch.device) -> dict:
+    secs = [h["seconds"] for h in state.history]
     summary = {
         "model": cfg.model,
-        "params_keras": params["keras"],
-        "params_trainable": params["trainable"],
-        "epochs": len(history),
+        "params_keras": count_params_keras(state.model),
+        "params_trainable": count_params_trainable(state.model),
+        "epochs": len(state.history),
         "first_epoch_seconds": secs[0] if secs else None,
         "mean_epoch_seconds": round(float(np.mean(secs)), 3) if secs else None,
         "total_seconds": round(float(np.sum(secs)), 3),
-        "best_epoch": best["epoch"],
-        "best_val_acc": best["val_acc"],
-        "final_val_acc": history[-1]["val_acc"] if history else None,
+        "best_epoch": state.best["epoch"],
+        "best_val_acc": state.best["val_acc"],
+        "final_val_acc": state.history[-1]["val_acc"] if state.history else None,
         "threads": threads,
-        "machine": cpu_name(),  # epoch seconds mean little without it; reports name each run's machine
-        "train_images": n,
-        "train_class_counts": np.bincount(y_train.numpy(), minlength=data.num_classes).tolist(),
+        "device": device_name(device),
+        "machine": cpu_name(),  # the CPU: epoch seconds mean little without it
+        "train_images": len(td.y_train),
+        "train_class_counts": torch.bincount(td.y_train.cpu(), minlength=len(td.class_names)).tolist(),
     }
     metrics_path = out / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}

@@ -1,9 +1,11 @@
-"""Sub-commands of this feature: ``benchmark SUITE`` and ``benchmark compare``."""
+"""``bloodcell benchmark SUITE`` and ``benchmark compare``."""
 
 from __future__ import annotations
 
 import argparse
 
+from bloodcell.choices import CHECKPOINTS, SIZES
+from bloodcell.commands.common import DIR_HELP, add_device_arg, add_precision_arg, add_threads_arg
 from bloodcell.errors import BloodcellError
 
 
@@ -26,8 +28,11 @@ def cmd_benchmark_suite(a: argparse.Namespace) -> int:
     else:
         if not a.seeds:
             raise BloodcellError("--seeds needs at least one seed")
-        r = run_suite(a.suite, a.seeds, a.out, a.data, a.size, a.data_dir, a.epochs, a.models, a.threads,
-                      a.precision, plan_only=a.plan)
+        if a.epochs is not None and a.epochs < 1:
+            raise BloodcellError(f"--epochs must be at least 1, not {a.epochs}")
+        r = run_suite(a.suite, seeds=a.seeds, out=a.out, data=a.data, size=a.size, data_dir=a.data_dir,
+                      epochs=a.epochs, models=a.models, threads=a.threads, precision=a.precision, device=a.device,
+                      speed=a.speed, plan_only=a.plan)
         if a.plan:
             return 0
     _print_summary(r)
@@ -37,7 +42,7 @@ def cmd_benchmark_suite(a: argparse.Namespace) -> int:
 def cmd_benchmark_compare(a: argparse.Namespace) -> int:
     from bloodcell.evaluation.benchmark import compare
 
-    _print_summary(compare(a.dirs, a.out, a.checkpoint))
+    _print_summary(compare(a.dirs, a.out, a.checkpoint, device=a.device))
     return 0
 
 
@@ -50,16 +55,16 @@ def _print_summary(r: dict) -> None:
     print("wrote " + ", ".join(r["files"]))
 
 
-def add_commands(sub, data_sub) -> None:
-    from bloodcell.cli import DIR_HELP, PRECISION_HELP, PRECISIONS
+def add_commands(sub) -> None:
     from bloodcell.evaluation.suites import SUITES
 
     be = sub.add_parser(
         "benchmark", help="run the paper's experiment suites, or compare finished runs",
-        description="Suites train every entry for every seed into OUT/SUITE/ENTRY/seedN (ordinary run folders), "
-                    "skip finished runs, resume interrupted ones, test the checkpoint the paper tested (the last "
-                    "epoch), and write OUT/SUITE/RESULTS.md, results.csv, runs.csv and figures. Run a long suite "
-                    "in pieces (e.g. --models a,b now, the rest later); the report always covers every finished run.")
+        description="Suites train every entry for every seed into OUT/SUITE/ENTRY/seedN (ordinary run folders) "
+                    "with the paper's settings (the 'paper' recipe), skip finished runs, resume interrupted ones, "
+                    "test the checkpoint the paper tested (the last epoch), and write OUT/SUITE/RESULTS.md, "
+                    "results.csv, runs.csv and figures. Run a long suite in pieces (e.g. --models a,b now, the rest "
+                    "later); the report always covers every finished run.")
     bsub = be.add_subparsers(dest="suite", required=True, metavar="SUITE")
     for suite in SUITES.values():
         p = bsub.add_parser(suite.name, help=suite.title, description=suite.description)
@@ -72,11 +77,14 @@ def add_commands(sub, data_sub) -> None:
         p.add_argument("--out", default="runs/benchmarks", help="root folder of suites (default: %(default)s)")
         p.add_argument("--data", default="bloodmnist",
                        help="a prepared dataset's name, or a MedMNIST-format .npz file (default: %(default)s)")
-        p.add_argument("--size", type=int, default=64, choices=(28, 64, 128, 224),
+        p.add_argument("--size", type=int, default=64, choices=SIZES,
                        help="image size in pixels (default: %(default)s, the paper's)")
         p.add_argument("--data-dir", default=None, help=DIR_HELP)
-        p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-        p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+        add_threads_arg(p)
+        add_precision_arg(p)
+        add_device_arg(p)
+        p.add_argument("--speed", action="store_true",
+                       help="also measure each run's inference speed when testing it (default: off)")
         p.add_argument("--plan", action="store_true", help="only list the runs and whether each is new, "
                        "interrupted (resume), trained (evaluate) or done")
         p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
@@ -86,6 +94,8 @@ def add_commands(sub, data_sub) -> None:
                                      "Runs in folders named seedN are grouped under their parent's name.")
     cp.add_argument("dirs", nargs="+", metavar="DIR", help="run folders, or folders holding run folders")
     cp.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
-    cp.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                    help="checkpoint to test for runs not yet tested (default: %(default)s)")
+    cp.add_argument("--checkpoint", choices=CHECKPOINTS, default="best",
+                    help="weights to test for runs not yet tested: 'best' by validation or 'last' epoch "
+                         "(default: %(default)s)")
+    add_device_arg(cp)
     cp.set_defaults(func=cmd_benchmark_compare)

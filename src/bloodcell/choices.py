@@ -1,0 +1,29 @@
+"""Every choice list the CLI offers, in one torch-free module, so ``--help`` stays fast and lists cannot drift.
+
+The training config, the device code and the CLI all read these tuples; nothing else spells them out.
+"""
+
+from __future__ import annotations
+
+SPLITS = ("train", "val", "test")
+SIZES = (28, 64, 128, 224)  # the MedMNIST(+) sizes
+CHECKPOINTS = ("best", "last")
+SCHEDULES = ("paper", "exp", "cosine", "constant")
+AUGMENTS = ("none", "flip", "dihedral")
+BALANCES = ("none", "augment", "smote", "class-weight")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+RECIPES = ("recommended", "paper")
+
+# The training recipes. ``recommended`` is what ``bloodcell train`` and ``TrainConfig()`` train (TrainConfig's
+# defaults are read from it); ``paper`` is the paper's own settings (paper-facts.md: Adam 1e-3, plain SGD for
+# Inception and ResNet — optimizer None means the model's paper default —, batch 64, the compounding exponential
+# schedule, pixels / 255, no augmentation), used by the paper's suites.
+RECIPE_SETTINGS: dict[str, dict] = {
+    "recommended": dict(epochs=20, batch_size=64, optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0,
+                        schedule="cosine", augment="dihedral", normalize=False, label_smoothing=0.0, balance="none"),
+    "paper": dict(epochs=20, batch_size=64, optimizer=None, lr=1e-3, momentum=0.0, weight_decay=0.0,
+                  schedule="paper", augment="none", normalize=False, label_smoothing=0.0, balance="none"),
+}
+assert tuple(RECIPE_SETTINGS) == RECIPES

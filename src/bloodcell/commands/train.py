@@ -1,0 +1,140 @@
+"""``bloodcell train``: a registered model into a run folder, with the recommended recipe or the paper's."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bloodcell.choices import AUGMENTS, BALANCES, OPTIMIZERS, RECIPE_SETTINGS, RECIPES, SCHEDULES
+from bloodcell.commands.common import (
+    add_checkpoint_arg,
+    add_data_args,
+    add_device_arg,
+    add_precision_arg,
+    add_threads_arg,
+    non_negative_float,
+    parse_model_args,
+    positive_float,
+    positive_int,
+)
+from bloodcell.errors import BloodcellError
+
+# Options whose default comes from --recipe (None on the command line = "the recipe's value").
+RECIPE_OPTIONS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "augment",
+                  "label_smoothing", "balance")
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from bloodcell.training import preset_config, train
+
+    given = {k: getattr(a, k) for k in RECIPE_OPTIONS if getattr(a, k) is not None}
+    if a.normalize:
+        given["normalize"] = True
+    if a.resume:
+        if not a.out:
+            raise BloodcellError("--resume needs --out RUN_DIR (the run to continue)")
+        extend = given.pop("epochs", None)
+        _check_resume_options(Path(a.out), given)
+    cfg = preset_config(
+        a.recipe, model=a.model, model_args=parse_model_args(a.model_arg), data=a.data, size=a.size,
+        data_dir=a.data_dir, seed=a.seed, train_limit=a.train_limit, threads=a.threads, precision=a.precision,
+        device=a.device, **({} if a.resume else given))
+    data_tag = Path(a.data).stem if a.data.endswith(".npz") else a.data
+    out = Path(a.out) if a.out else Path("runs") / f"{a.model}_{data_tag}{a.size}_seed{a.seed}"
+    try:
+        summary = train(cfg, out, resume=a.resume, progress=sys.stderr.isatty(),
+                        extend_to=extend if a.resume else None)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last finished epoch is saved in {out}; continue with "
+              f"'bloodcell train --resume --out {out}'", file=sys.stderr)
+        return 130
+    print(f"trained {summary['epochs']} epochs in {summary['total_seconds']:.0f}s on {summary['device']} "
+          f"(first epoch {summary['first_epoch_seconds']:.1f}s); best val_acc {summary['best_val_acc']:.4f} "
+          f"at epoch {summary['best_epoch']}")
+    print(f"run folder: {out}")
+    if a.evaluate:
+        from bloodcell.commands.evaluate import cmd_evaluate
+
+        return cmd_evaluate(argparse.Namespace(run_dir=str(out), split="test", checkpoint=a.checkpoint, json=False,
+                                               speed=False, device=a.device))
+    return 0
+
+
+def _check_resume_options(out: Path, given: dict) -> None:
+    """A resumed run keeps its saved settings: an option that would change one is refused, not ignored."""
+    from bloodcell.training import TrainConfig
+
+    if not (out / "config.json").is_file():
+        return  # train() says there is no run to resume
+    saved = TrainConfig.load(out / "config.json").to_dict()
+    for key, value in given.items():
+        if saved.get(key) != value:
+            raise BloodcellError(f"--resume continues {out} with its saved settings: --{key.replace('_', '-')} "
+                                 f"{value} differs from the run's {saved.get(key)}")
+
+
+def _recipe_default(key: str) -> str:
+    rec, paper = RECIPE_SETTINGS["recommended"][key], RECIPE_SETTINGS["paper"][key]
+    show = {None: "the paper's per model"}
+    text = f"default: {show.get(rec, rec)}"
+    return text + (f"; with --recipe paper: {show.get(paper, paper)}" if paper != rec else "")
+
+
+def add_commands(sub) -> None:
+    tr = sub.add_parser(
+        "train", help="train a model into a run folder",
+        description="Train a registered model. The run folder gets config.json (every setting, so the run can be "
+        "repeated), history.csv, best and last weights (safetensors with metadata), state.pt for --resume, and "
+        "metrics.json. The defaults are the recommended recipe (Adam 1e-3, batch 64, cosine schedule, dihedral "
+        "augmentation, 20 epochs); --recipe paper gives the paper's settings, and any option given overrides "
+        "the recipe. The run folder is locked while training: a second start on it is refused.")
+    tr.add_argument("--model", default="se-cnn", help="registered model name, see 'bloodcell models' "
+                    "(default: %(default)s)")
+    tr.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                    help="override an argument of the model's builder, e.g. dropout=0.3 (repeatable; which "
+                         "arguments a model takes is in its module under bloodcell/models)")
+    add_data_args(tr)
+    tr.add_argument("--recipe", choices=RECIPES, default="recommended",
+                    help="base settings: 'recommended', or 'paper' (Adam, or SGD for Inception/ResNet, the "
+                         "paper's compounding schedule, no augmentation) (default: %(default)s)")
+    tr.add_argument("--epochs", type=positive_int, default=None,
+                    help=f"epochs ({_recipe_default('epochs')}; with --resume: more than the run's own extends it)")
+    tr.add_argument("--batch-size", type=positive_int, default=None,
+                    help=f"batch size ({_recipe_default('batch_size')})")
+    tr.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation "
+                    "(default: %(default)s)")
+    tr.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=f"optimizer ({_recipe_default('optimizer')}"
+                    ": Adam, or plain SGD for Inception and ResNet)")
+    tr.add_argument("--lr", type=positive_float, default=None, help=f"base learning rate ({_recipe_default('lr')})")
+    tr.add_argument("--momentum", type=non_negative_float, default=None,
+                    help=f"SGD momentum ({_recipe_default('momentum')})")
+    tr.add_argument("--weight-decay", type=non_negative_float, default=None,
+                    help=f"weight decay ({_recipe_default('weight_decay')})")
+    tr.add_argument("--schedule", choices=SCHEDULES, default=None,
+                    help="learning-rate schedule per epoch: 'paper' = the compounding decay the paper's code ran, "
+                    "lr*exp(-0.05 e(e+1)); 'exp' = the intended lr*exp(-0.1 e); 'cosine' = half cosine to 0; "
+                    f"'constant' ({_recipe_default('schedule')})")
+    tr.add_argument("--augment", choices=AUGMENTS, default=None,
+                    help="batch augmentation: random flips, or all 8 flips/90-degree turns "
+                         f"({_recipe_default('augment')})")
+    tr.add_argument("--balance", choices=BALANCES, default=None,
+                    help="class balancing of the training split: oversample minority classes to the majority count "
+                    "by augmentation (flips, rotation, shift, zoom, drawn from all their images) or SMOTE, or "
+                    f"weigh the loss by inverse class frequency ({_recipe_default('balance')})")
+    tr.add_argument("--normalize", action="store_true",
+                    help="standardise by the training set's channel mean/std (default: only divide by 255)")
+    tr.add_argument("--label-smoothing", type=non_negative_float, default=None,
+                    help=f"label smoothing, below 1 ({_recipe_default('label_smoothing')})")
+    tr.add_argument("--train-limit", type=positive_int, default=None,
+                    help="train on a stratified subset of this many images (for quick checks)")
+    add_threads_arg(tr)
+    add_precision_arg(tr)
+    add_device_arg(tr)
+    tr.add_argument("--out", help="run folder (default: runs/MODEL_DATASIZE_seedSEED)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out where it stopped: after its last epoch, or inside an epoch "
+                         "from the state saved every 5 min (its saved config is used)")
+    tr.add_argument("--evaluate", action="store_true", help="evaluate on the test split when training ends")
+    add_checkpoint_arg(tr, "evaluate with --evaluate")
+    tr.set_defaults(func=cmd_train)
