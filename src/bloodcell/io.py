@@ -92,7 +92,9 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def warn(message: str) -> None:
     """One ``bloodcell: warning: ...`` line on stderr (Python's warnings print two lines and a source line)."""
-    print(f"bloodcell: warning: {message}", file=sys.stderr, flush=True)
+    from bloodcell.errors import one_line
+
+    print(f"bloodcell: warning: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def csv_text(header: list[str], rows: Iterable[dict | Sequence]) -> str:

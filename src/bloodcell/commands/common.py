@@ -7,7 +7,7 @@ import json
 import sys
 
 from bloodcell.choices import CHECKPOINTS, DEVICES, PRECISIONS, SIZES, SPLITS
-from bloodcell.errors import BloodcellError
+from bloodcell.errors import BloodcellError, one_line
 
 DATA_HELP = "a prepared dataset's name, or a MedMNIST-format .npz file (default: %(default)s)"
 DIR_HELP = "folder of prepared datasets (default: $BLOODCELL_DATA_DIR, else the user cache folder)"
@@ -22,7 +22,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors, like every other bloodcell error (usage stays in --help)."""
 
     def error(self, message: str):  # noqa: D401 - argparse's API
-        print(f"bloodcell: error: {self.prog}: {message} (see '{self.prog} --help')", file=sys.stderr)
+        print(f"bloodcell: error: {self.prog}: {one_line(message)} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(2)
 
 

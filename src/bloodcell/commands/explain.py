@@ -28,6 +28,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
         return _list_layers(a)
     if not (a.paths or a.grid or a.report):
         raise BloodcellError("give image PATHs, --grid or --report (or --list-layers)")
+    if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
+        raise BloodcellError(f"--out {a.out}: exists and is not a folder (--out names a folder for the PNGs)")
     status = 0
     if a.paths:
         results = runs.explain_files(a.run_dir, a.paths, a.layer, a.target, a.out, a.checkpoint, device=a.device)
@@ -79,6 +81,9 @@ def cmd_review(a: argparse.Namespace) -> int:
 
     if not a.data:
         raise BloodcellError("give --data NAME (a prepared dataset) or an npz file")
+    if a.folds < 2:
+        raise BloodcellError(f"--folds must be at least 2 (each image is predicted by a model that did not see it), "
+                             f"not {a.folds}")
     r = review_dataset(a.data, size=a.size, model=a.model, folds=a.folds, epochs=a.epochs, out=a.out,
                        data_dir=a.data_dir, top=a.top, seed=a.seed, threads=a.threads,
                        model_args=parse_model_args(a.model_arg), device=a.device)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bloodcell.choices import BALANCES
 from bloodcell.errors import BloodcellError
 
-METHODS = ("none", "augment", "smote", "class-weight")
+METHODS = BALANCES  # the one list, in bloodcell.choices
 
 
 def target_counts(labels: np.ndarray, num_classes: int, target: int | None = None) -> dict[int, int]:

@@ -51,6 +51,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit/32-bit grayscale: scale the full range to 8 bits (PIL's convert would clip at 255).
         arr = np.asarray(img).astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageDecodeError("image has NaN or infinite pixel values")
         top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
@@ -82,21 +84,17 @@ def load_rgb(path: str | Path) -> Image.Image:
     """Open and fully decode ``path`` as an RGB image, or raise ImageDecodeError with the reason."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            # PIL's own two-line DecompressionBombWarning is replaced by the one bloodcell line below
+        with warnings.catch_warnings(record=True) as caught:
+            # PIL's own two-line DecompressionBombWarning is replaced by the one bloodcell line below; any other
+            # warning while decoding (corrupt EXIF, a truncated read) becomes one bloodcell line naming the file
+            warnings.simplefilter("always")
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                pixels = img.width * img.height
-                if _max_pixels is not None and pixels > _max_pixels:
-                    raise ImageDecodeError(_too_large(pixels))
-                if _max_pixels is not None and pixels > _max_pixels / 2:
-                    mb = pixels * (len(img.getbands()) + 3) / 2**20
-                    warn(f"{path}: {pixels:,} pixels is large (over half the --max-pixels limit of "
-                         f"{_max_pixels:,}); decoding it needs ~{mb:,.0f} MB")
-                img.load()
-                if img.width < 1 or img.height < 1:
-                    raise ImageDecodeError("image has zero size")
-                return _to_rgb(img)
+            try:
+                return _open_rgb(path)
+            finally:
+                for w in caught:
+                    text = str(w.message).strip()
+                    warn(f"{path}: {text.splitlines()[0] if text else w.category.__name__}")
     except FileNotFoundError:
         raise ImageDecodeError("file not found") from None
     except IsADirectoryError:
@@ -113,6 +111,21 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageDecodeError(f"cannot decode image ({e})") from None
     except MemoryError:
         raise ImageDecodeError("not enough memory to decode it (lower --max-pixels to refuse such files)") from None
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        pixels = img.width * img.height
+        if _max_pixels is not None and pixels > _max_pixels:
+            raise ImageDecodeError(_too_large(pixels))
+        if _max_pixels is not None and pixels > _max_pixels / 2:
+            mb = pixels * (len(img.getbands()) + 3) / 2**20
+            warn(f"{path}: {pixels:,} pixels is large (over half the --max-pixels limit of "
+                 f"{_max_pixels:,}); decoding it needs ~{mb:,.0f} MB")
+        img.load()
+        if img.width < 1 or img.height < 1:
+            raise ImageDecodeError("image has zero size")
+        return _to_rgb(img)
 
 
 def list_image_files(paths: list[str | Path]) -> list[Path]:

@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 from platformdirs import user_cache_dir
 
+from bloodcell.choices import SIZES, SPLITS  # noqa: F401 - re-exported: data code imports them from here
 from bloodcell.errors import BloodcellError
 from bloodcell.io import atomic_write, read_json, write_json
 
-SPLITS = ("train", "val", "test")
 BLOODMNIST_CLASSES = [
     "basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet",
 ]
-SIZES = (28, 64, 128, 224)
 NPZ_KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
 
 

@@ -27,6 +27,10 @@ def evaluate(classifier: Classifier, images: np.ndarray | torch.Tensor, labels: 
     """Metrics of one prediction pass over ``images`` (N x H x W x 3 uint8, or a uint8 NCHW tensor); no files."""
     x = to_uint8_nchw(images) if isinstance(images, np.ndarray) else images
     probs = classifier.probabilities(x).cpu().numpy()
+    bad = int((~np.isfinite(probs).all(1)).sum())
+    if bad:
+        raise BloodcellError(f"{classifier.source or 'the model'}: its output is NaN or infinite for {bad} of "
+                             f"{len(probs)} images; the weights diverged in training (see history.csv)")
     return classification_metrics(np.asarray(labels), probs, classifier.class_names)
 
 

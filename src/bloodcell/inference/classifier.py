@@ -127,6 +127,9 @@ class Classifier:
                 continue
             probs = self.predict_arrays(np.stack(arrays))
             for (f, warnings), pr in zip(ok, probs):
+                if not np.isfinite(pr).all():
+                    results.append(Prediction(str(f), None, "the model's output is not finite (diverged weights?)"))
+                    continue
                 order = np.argsort(-pr, kind="stable")[:k]
                 results.append(Prediction(str(f), [(self.class_names[i], float(pr[i])) for i in order],
                                           warnings=warnings))
@@ -136,9 +139,16 @@ class Classifier:
 
 
 def check_against_config(meta: dict, run_dir: Path, weights: Path) -> None:
-    """A run folder's weights must describe the model its ``config.json`` trained."""
+    """A run folder's weights must describe the model its ``config.json`` trained, with the classes its
+    ``metrics.json`` recorded (so an edited file is refused even without its metadata digest)."""
     from bloodcell.io import read_json
 
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        recorded = (read_json(metrics) or {}).get("training", {}).get("class_names")
+        if recorded is not None and recorded != meta["class_names"]:
+            raise BloodcellError(f"{weights}: its class names {meta['class_names']} differ from the ones the run "
+                                 f"trained with {recorded} ({metrics}); the file was edited or comes from another run")
     config = run_dir / "config.json"
     if not config.is_file():
         return

@@ -8,6 +8,7 @@ loss and correct counts accumulate as tensors), ``validate`` (through the infere
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -103,6 +104,9 @@ def prepare_training_data(cfg: TrainConfig, data: PreparedData, device: torch.de
     x_train, y_train = split_tensors(data, "train")
     x_val, y_val = split_tensors(data, "val")
     if cfg.train_limit:
+        if cfg.train_limit < data.num_classes:
+            raise BloodcellError(f"--train-limit {cfg.train_limit} is below the {data.num_classes} classes; one "
+                                 f"image of each is always kept, so give at least {data.num_classes}")
         keep = torch.from_numpy(stratified_subset(data.labels["train"], cfg.train_limit, cfg.seed))
         x_train, y_train = x_train[keep], y_train[keep]
     loss_weight = None
@@ -258,9 +262,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if resume:
         if not (out / "config.json").is_file():
             raise BloodcellError(f"{out}: no run to resume (config.json missing)")
-    else:
-        if (out / "config.json").exists():
-            raise BloodcellError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
+    else:  # whether it already holds a run is checked under the lock, so a running holder is named
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -315,6 +317,11 @@ def _train_locked(cfg: TrainConfig, out: Path, resume: bool, progress: bool | No
         stats = run_epoch(state, td, cfg, epoch, progress=progress, save_every=save_every, on_save=save_inside)
         t_val = time.perf_counter()
         val_loss, val_acc = validate(clf, td.x_val, td.y_val)
+        if not (math.isfinite(stats["train_loss"]) and math.isfinite(val_loss)):
+            kept = f"epoch {state.history[-1]['epoch']} is kept in {out}" if state.history else "nothing was saved"
+            raise BloodcellError(f"training diverged in epoch {epoch + 1} (train loss {stats['train_loss']}, val "
+                                 f"loss {val_loss}): the weights are no longer finite; {kept}. Lower --lr "
+                                 f"(it is {cfg.lr:g})")
         seconds = stats["train_seconds"] + time.perf_counter() - t_val
         row = {"epoch": epoch + 1, "train_loss": round(stats["train_loss"], 6),
                "train_acc": round(stats["train_acc"], 6), "val_loss": round(val_loss, 6),
@@ -353,6 +360,7 @@ def _write_summary(cfg: TrainConfig, out: Path, state: TrainState, td: TrainingD
         "machine": cpu_name(),  # the CPU: epoch seconds mean little without it
         "train_images": len(td.y_train),
         "train_class_counts": torch.bincount(td.y_train.cpu(), minlength=len(td.class_names)).tolist(),
+        "class_names": td.class_names,  # predict cross-checks a weights file's classes against these
     }
     metrics_path = out / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
