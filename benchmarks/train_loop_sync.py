@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-limit", type=int, default=4096, help="training images per round (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default="pbc")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_loop_sync.md"),
+                   help="markdown file for the figures (default: %(default)s)")
     a = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
     from bloodcell.machine import cpu_name
@@ -70,9 +73,22 @@ def main(argv: list[str] | None = None) -> int:
                 rates[name].append(n / s)
                 print(f"round {r + 1}: {name:<24} {n / s:7.1f} images/s ({n} images in {s:.1f}s)", flush=True)
     best = {k: max(v) for k, v in rates.items()}
+    median = {k: statistics.median(v) for k, v in rates.items()}
     (before, b), (after, c) = best.items()
-    print(f"\nSE-CNN training, 64x64, batch 64, {a.threads} threads, {cpu_name()}; best of {a.rounds} alternating "
-          f"rounds: {before} {b:.1f} images/s, {after} {c:.1f} images/s, ratio after/before {c / b:.3f}")
+    (mb, mc) = median.values()
+    summary = (f"SE-CNN training, 64x64, batch 64, {a.train_limit} images per round, {a.threads} threads, "
+               f"{cpu_name()}; {a.rounds} alternating rounds: best {before} {b:.1f} images/s, {after} {c:.1f} images/s "
+               f"(ratio {c / b:.3f}); median {mb:.1f} vs {mc:.1f} (ratio {mc / mb:.3f})")
+    print("\n" + summary)
+    rows = "\n".join(f"| {k} | " + " | ".join(f"{x:.1f}" for x in v) + f" | {max(v):.1f} | {statistics.median(v):.1f} |"
+                     for k, v in rates.items())
+    header = "| version | " + " | ".join(f"round {i + 1}" for i in range(a.rounds)) + " | best | median |"
+    Path(a.out).write_text(
+        f"# Training loop: per-batch host reads removed\n\nCommand: `BLOODCELL_DATA_DIR=... python "
+        f"benchmarks/train_loop_sync.py --before {a.before} --rounds {a.rounds} --train-limit {a.train_limit}` on "
+        f"{cpu_name()}, {a.threads} threads.\n\nTraining images/s (validation excluded), SE-CNN, 64x64, batch 64, "
+        f"dihedral augmentation, cosine schedule, one epoch of {a.train_limit} PBC training images per round, each "
+        f"round in a fresh process:\n\n{header}\n|---|" + "---|" * (a.rounds + 2) + f"\n{rows}\n\n{summary}.\n")
     return 0
 
 
