@@ -1,7 +1,7 @@
 """The package's layers only import downward, and its modules form no import cycle.
 
-Layers, bottom to top: shared basics; data and models; the inference core; training; evaluation; explain;
-the command line. A module may import its own layer and the ones below, never one above, even lazily inside
+Layers, bottom to top: shared basics; data, models and the trust maths; the inference core and the torch-free
+runtime; training; evaluation and export; explain and serving; the command line. A module may import its own layer and the ones below, never one above, even lazily inside
 a function.
 """
 
@@ -13,11 +13,11 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "bloodcell"
 LAYERS = [
     {"errors", "io", "choices", "paper", "machine", "plotting", "runfolder", "__init__", "__version__"},
-    {"data", "models"},
-    {"inference"},
+    {"data", "models", "trust"},  # trust: calibration, TTA, conformal and OOD maths on arrays and tensors
+    {"inference", "runtime"},  # runtime: the torch-free bundle runner
     {"training"},
-    {"evaluation"},
-    {"explain"},
+    {"evaluation", "deploy"},
+    {"explain", "serve"},
     {"commands", "cli", "__main__"},
 ]
 
