@@ -12,7 +12,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "bloodcell"
 LAYERS = [
-    {"errors", "io", "choices", "paper", "machine", "plotting", "runfolder", "__init__", "__version__"},
+    {"errors", "io", "choices", "paper", "machine", "plotting", "runfolder", "prediction", "__init__", "__version__"},
     {"data", "models", "trust"},  # trust: calibration, TTA, conformal and OOD maths on arrays and tensors
     {"inference", "runtime"},  # runtime: the torch-free bundle runner
     {"training"},

@@ -8,7 +8,6 @@ features attach here: ``temperature`` divides the logits before the softmax (1.0
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +20,11 @@ from bloodcell.data.tensors import Normalizer, to_uint8_nchw
 from bloodcell.errors import BloodcellError
 from bloodcell.inference.weights import load_model, resolve_weights
 from bloodcell.machine import resolve_device
+from bloodcell.prediction import Prediction
 
 # An image whose shorter side is under this fraction of the recipe's crop was not what the model saw in
 # training (a 200 px crop of a ~360 px smear image); its prediction carries a warning.
 SMALL_IMAGE_FRACTION = 0.5
-
-
-@dataclass
-class Prediction:
-    """One file's result: classes with probabilities best first, or the reason it could not be classified."""
-
-    path: str
-    top: list[tuple[str, float]] | None
-    error: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
 
 class Classifier:
