@@ -1,8 +1,8 @@
 """The package's layers only import downward, and its modules form no import cycle.
 
 Layers, bottom to top: shared basics; data, models and the trust maths; the inference core and the torch-free
-runtime; training; evaluation and export; explain and serving; the command line. A module may import its own layer and the ones below, never one above, even lazily inside
-a function.
+runtime; training; evaluation and export; explain and serving; the command line. A module may import its own
+layer and the ones below, never one above, even lazily inside a function.
 """
 
 from __future__ import annotations
