@@ -30,6 +30,7 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # for commands that relaunch themselves
     if extra:  # commands taking files (explain) accept them after options too: `explain RUN --out D a.png`
         if getattr(args, "paths", None) is not None and not any(x.startswith("-") for x in extra):
             args.paths = [*args.paths, *extra]

@@ -25,7 +25,33 @@ RECIPE_OPTIONS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight
                   "label_smoothing", "balance")
 
 
+def launch_processes(a: argparse.Namespace) -> int:
+    """``--nproc N``: the same command under torchrun (one process per rank), minus ``--nproc``."""
+    import subprocess
+
+    argv, skip = [], False
+    for x in a._argv:
+        if skip:
+            skip = False
+        elif x == "--nproc":
+            skip = True
+        elif not x.startswith("--nproc="):
+            argv.append(x)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
+           "-m", "bloodcell", *argv]
+    return subprocess.run(cmd).returncode
+
+
 def cmd_train(a: argparse.Namespace) -> int:
+    import os
+
+    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from bloodcell.machine import resolve_device
+
+        if a.sync_bn and resolve_device(a.device).type != "cuda":  # say so before starting the processes
+            raise BloodcellError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
+                                 "without it each process keeps its own BatchNorm statistics")
+        return launch_processes(a)
     from bloodcell.training import preset_config, train
 
     given = {k: getattr(a, k) for k in RECIPE_OPTIONS if getattr(a, k) is not None}
@@ -39,7 +65,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = preset_config(
         a.recipe, model=a.model, model_args=parse_model_args(a.model_arg), data=a.data, size=a.size,
         data_dir=a.data_dir, seed=a.seed, train_limit=a.train_limit, threads=a.threads, precision=a.precision,
-        device=a.device, **({} if a.resume else given))
+        device=a.device, sync_bn=a.sync_bn, **({} if a.resume else given))
     data_tag = Path(a.data).stem if a.data.endswith(".npz") else a.data
     out = Path(a.out) if a.out else Path("runs") / f"{a.model}_{data_tag}{a.size}_seed{a.seed}"
     try:
@@ -49,11 +75,13 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(f"\ninterrupted: the last finished epoch is saved in {out}; continue with "
               f"'bloodcell train --resume --out {out}'", file=sys.stderr)
         return 130
+    if not summary:  # a rank other than 0 of a multi-process run: rank 0 reports
+        return 0
     print(f"trained {summary['epochs']} epochs in {summary['total_seconds']:.0f}s on {summary['device']} "
           f"(first epoch {summary['first_epoch_seconds']:.1f}s); best val_acc {summary['best_val_acc']:.4f} "
           f"at epoch {summary['best_epoch']}")
     print(f"run folder: {out}")
-    if a.evaluate:
+    if a.evaluate and os.environ.get("RANK", "0") == "0":  # evaluation runs once, in rank 0
         from bloodcell.commands.evaluate import cmd_evaluate
 
         return cmd_evaluate(argparse.Namespace(run_dir=str(out), split="test", checkpoint=a.checkpoint, json=False,
@@ -131,6 +159,13 @@ def add_commands(sub) -> None:
     add_threads_arg(tr)
     add_precision_arg(tr)
     add_device_arg(tr)
+    tr.add_argument("--nproc", type=positive_int, default=1,
+                    help="data-parallel processes (DistributedDataParallel: gloo on CPU, NCCL on CUDA), launched "
+                         "with torchrun; same as 'torchrun --nproc-per-node N -m bloodcell train ...' "
+                         "(default: %(default)s)")
+    tr.add_argument("--sync-bn", action="store_true",
+                    help="with several processes: BatchNorm statistics over all of them (CUDA only; default: each "
+                         "process keeps its own)")
     tr.add_argument("--out", help="run folder (default: runs/MODEL_DATASIZE_seedSEED)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out where it stopped: after its last epoch, or inside an epoch "

@@ -40,23 +40,33 @@ class Normalizer:
         return x
 
 
-def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Random flips (``flip``) or the 8 symmetries of the square (``dihedral``), per image, whole batch at once.
+def augment_codes(n: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """One symmetry code per image (bit 0 h-flip, bit 1 v-flip, bit 2 transpose), drawn from the CPU generator so
+    the draws, and a resumed or multi-process run, are the same on every device."""
+    return torch.randint(0, 8 if kind == "dihedral" else 4, (n,), generator=generator)
 
-    Cells have no preferred orientation, so these change no label. Each image picks the flipped or unflipped
-    version with ``torch.where`` (no boolean-mask indexing, which would make a GPU wait to learn the count).
-    """
+
+def apply_augment(x: torch.Tensor, codes: torch.Tensor, kind: str) -> torch.Tensor:
+    """The symmetries ``codes`` of each image of ``x``, as a batch: each image picks its flipped or unflipped
+    version with ``torch.where`` (no boolean-mask indexing, which would make a GPU wait to learn the count)."""
     if kind == "none":
         return x
-    n = x.shape[0]
-    # drawn from the (CPU) generator so the draws, and a resumed run, are the same on every device
-    r = torch.randint(0, 8 if kind == "dihedral" else 4, (n,), generator=generator).to(x.device, non_blocking=True)
-    r = r.view(n, 1, 1, 1)
+    r = codes.to(x.device, non_blocking=True).view(-1, 1, 1, 1)
     out = torch.where((r & 1).bool(), x.flip(3), x)
     out = torch.where((r & 2).bool(), out.flip(2), out)
     if kind == "dihedral":
         out = torch.where((r & 4).bool(), out.transpose(2, 3), out)
     return out
+
+
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Random flips (``flip``) or the 8 symmetries of the square (``dihedral``), per image, whole batch at once.
+
+    Cells have no preferred orientation, so these change no label.
+    """
+    if kind == "none":
+        return x
+    return apply_augment(x, augment_codes(x.shape[0], kind, generator), kind)
 
 
 def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:

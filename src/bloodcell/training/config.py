@@ -45,6 +45,7 @@ class TrainConfig:
     # BF16 and far slower on CPUs without them.
     precision: str = "fp32"
     device: str = "auto"  # auto: cuda, then mps, then cpu
+    sync_bn: bool = False  # multi-process runs: BatchNorm statistics over all ranks (SyncBatchNorm, CUDA only)
 
     def validate(self, where: str = "config") -> TrainConfig:
         """Check every field's type and range; the error names the field."""
@@ -117,7 +118,7 @@ _TYPES = {"model": str, "model_args": dict, "data": str, "size": int, "data_dir"
           "epochs": int, "batch_size": int, "seed": int, "optimizer": (str, type(None)), "lr": _NUMBER,
           "momentum": _NUMBER, "weight_decay": _NUMBER, "schedule": str, "normalize": bool, "augment": str,
           "label_smoothing": _NUMBER, "balance": str, "train_limit": (int, type(None)),
-          "threads": (int, type(None)), "precision": str, "device": str}
+          "threads": (int, type(None)), "precision": str, "device": str, "sync_bn": bool}
 
 
 def _check_type(cfg: TrainConfig, where: str) -> None:

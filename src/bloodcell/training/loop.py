@@ -9,6 +9,7 @@ loss and correct counts accumulate as tensors), ``validate`` (through the infere
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +27,8 @@ from bloodcell.data.recipe import Recipe
 from bloodcell.data.store import PreparedData, load_dataset
 from bloodcell.data.tensors import (
     Normalizer,
-    augment_batch,
+    apply_augment,
+    augment_codes,
     channel_stats,
     split_tensors,
     stratified_subset,
@@ -44,8 +46,10 @@ from bloodcell.machine import (
     set_threads,
 )
 from bloodcell.models import count_params_keras, count_params_trainable, create_model, get_spec
+from bloodcell.training import distributed
 from bloodcell.training.checkpoint import load_state_file, restore_training_state, rng_state, save_state
 from bloodcell.training.config import TrainConfig
+from bloodcell.training.distributed import Dist
 from bloodcell.training.lock import run_lock
 from bloodcell.training.schedules import lr_factor
 
@@ -84,6 +88,8 @@ class TrainState:
     best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": -1})
     next_epoch: int = 0  # 0-based index of the next epoch to run
     partial: dict | None = None  # where a stopped epoch ``next_epoch`` left off
+    net: nn.Module | None = None  # what the batches go through: the model, or its DistributedDataParallel wrapper
+    dist: Dist = field(default_factory=Dist)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -166,16 +172,22 @@ def validate(clf: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[float, 
     return float(loss), float(acc)
 
 
+# In a multi-process run the ranks decide together, every this many batches, whether to save a part-epoch state.
+SAVE_CHECK_BATCHES = 20
+
+
 def run_epoch(state: TrainState, td: TrainingData, cfg: TrainConfig, epoch: int, *, progress: bool = False,
               save_every: float = 300.0, on_save: Callable[[dict], None] | None = None) -> dict:
     """Train one epoch (or the rest of a stopped one); returns train_loss, train_acc and seconds.
 
     Losses and correct counts stay on the device; the host reads them once, at the end (and when a part-epoch
-    state is saved every ``save_every`` seconds through ``on_save``).
+    state is saved every ``save_every`` seconds through ``on_save``). In a multi-process run every rank draws the
+    whole batch's indices and augmentation codes and trains on its shard; the sums are added over ranks.
     """
     from tqdm import tqdm
 
-    model, optimizer, scaler, gen = state.model, state.optimizer, state.scaler, state.generator
+    net, optimizer, scaler, gen = state.net or state.model, state.optimizer, state.scaler, state.generator
+    d = state.dist
     device = td.x_train.device
     n, bs = len(td.x_train), cfg.batch_size
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
@@ -183,29 +195,35 @@ def run_epoch(state: TrainState, td: TrainingData, cfg: TrainConfig, epoch: int,
     lr = cfg.lr * lr_factor(cfg.schedule, epoch, cfg.epochs)
     for g in optimizer.param_groups:
         g["lr"] = lr
-    model.train()
+    net.train()
     t0 = last_save = time.perf_counter()
     partial, state.partial = state.partial, None
     if partial:  # the generators were restored with the state, so the rest of the epoch replays exactly
-        perm, first = partial["perm"], partial["next"]
-        loss_sum = torch.tensor(float(partial["loss_sum"]), dtype=acc_dtype, device=device)
-        correct = torch.tensor(int(partial["correct"]), device=device)
+        perm, first, seen = partial["perm"], partial["next"], int(partial.get("seen", partial["next"]))
+        # a part-epoch record holds the sums over all ranks: rank 0 carries them on, the others start at zero
+        loss_sum = torch.tensor(float(partial["loss_sum"]) if d.main else 0.0, dtype=acc_dtype, device=device)
+        correct = torch.tensor(int(partial["correct"]) if d.main else 0, device=device)
         t0 -= partial["seconds"]
     else:
-        perm, first = torch.randperm(n, generator=gen), 0
+        perm, first, seen = torch.randperm(n, generator=gen), 0, 0
         loss_sum = torch.zeros((), dtype=acc_dtype, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
     perm_dev = perm.to(device)
     autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(cfg.precision, torch.float32),
                               enabled=cfg.precision != "fp32")
-    bar = tqdm(range(first, n, bs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress,
-               leave=False, initial=first // bs, total=-(-n // bs))
+    bar = tqdm(range(first, n, bs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+               disable=not (progress and d.main), leave=False, initial=first // bs, total=-(-n // bs))
     for i in bar:
-        idx = perm_dev[i : i + bs]
-        xb = augment_batch(td.x_train[idx], cfg.augment, gen)
+        batch = perm_dev[i : i + bs]
+        codes = augment_codes(len(batch), cfg.augment, gen) if cfg.augment != "none" else None
+        if len(batch) < d.world:  # a last batch too small to give every rank an image is left out
+            continue
+        idx = distributed.shard(batch, d)
+        xb = td.x_train[idx] if codes is None else apply_augment(td.x_train[idx], distributed.shard(codes, d),
+                                                                   cfg.augment)
         yb = td.y_train[idx]
         with autocast:
-            logits = model(norm(xb))
+            logits = net(norm(xb))
             loss = F.cross_entropy(logits, yb, weight=td.loss_weight, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -213,21 +231,37 @@ def run_epoch(state: TrainState, td: TrainingData, cfg: TrainConfig, epoch: int,
         scaler.update()
         loss_sum += loss.detach().to(acc_dtype) * len(idx)
         correct += (logits.argmax(1) == yb).sum()
-        if on_save and time.perf_counter() - last_save >= save_every and i + bs < n:
-            on_save({"next": i + bs, "perm": perm, "loss_sum": float(loss_sum), "correct": int(correct),
-                     "seconds": time.perf_counter() - t0})
-            last_save = time.perf_counter()
-    return {"train_loss": float(loss_sum) / n, "train_acc": int(correct) / n, "lr": lr,
+        seen += len(batch)
+        if on_save and i + bs < n:
+            due = time.perf_counter() - last_save >= save_every
+            if d.active and (i // bs) % SAVE_CHECK_BATCHES:
+                continue  # ranks agree on saving only every SAVE_CHECK_BATCHES batches (one broadcast each time)
+            if distributed.any_rank(d, due, device):
+                total_loss, total_correct = distributed.all_sum(d, loss_sum), distributed.all_sum(d, correct)
+                on_save({"next": i + bs, "perm": perm, "seen": seen, "loss_sum": float(total_loss),
+                         "correct": int(total_correct), "seconds": time.perf_counter() - t0})
+                if d.active:  # the saved record holds the sums over ranks: rank 0 carries them, the others restart
+                    loss_sum = total_loss if d.main else torch.zeros_like(loss_sum)
+                    correct = total_correct if d.main else torch.zeros_like(correct)
+                last_save = time.perf_counter()
+    loss_sum, correct = distributed.all_sum(d, loss_sum), distributed.all_sum(d, correct)
+    return {"train_loss": float(loss_sum) / max(seen, 1), "train_acc": int(correct) / max(seen, 1), "lr": lr,
             "train_seconds": time.perf_counter() - t0}
 
 
 def save_checkpoint(path: Path, state: TrainState, finished_epoch: int, inside: dict | None = None) -> None:
-    """Everything the loop needs to go on: after epoch ``finished_epoch`` (0-based), or ``inside`` the next."""
+    """Everything the loop needs to go on: after epoch ``finished_epoch`` (0-based), or ``inside`` the next.
+
+    In a multi-process run every rank must call it (each rank's RNG state is gathered); rank 0 writes."""
+    ranks = distributed.gather(state.dist, rng_state())
+    if not state.dist.main:
+        return
     save_state(path, {
         "model": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
         "optimizer": state.optimizer.state_dict(), "generator": state.generator.get_state(),
         "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
-        **rng_state(), "history": state.history, "best": state.best, "epoch": finished_epoch,
+        **ranks[0], **({"rank_rng": ranks} if state.dist.active else {}),
+        "history": state.history, "best": state.best, "epoch": finished_epoch,
         **({"partial": inside} if inside else {}),
     })
 
@@ -240,6 +274,10 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
         raise BloodcellError(f"{path}: corrupt training state (the part-epoch record lacks "
                              f"{sorted(set(PARTIAL_KEYS) - set(partial or {}))}); delete it to start afresh")
     restore_training_state(st, path, state.model, state.optimizer, state.generator, state.scaler)
+    ranks = st.get("rank_rng")
+    if state.dist.active and ranks and len(ranks) == state.dist.world:  # each rank's own dropout generator
+        restore_training_state({**st, **ranks[state.dist.rank]}, path, state.model, state.optimizer,
+                               state.generator, state.scaler)
     state.history, state.best = [dict(h) for h in st["history"]], dict(st["best"])
     state.next_epoch, state.partial = st["epoch"] + 1, partial
 
@@ -257,6 +295,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     """
     out = Path(out)
     cfg.validate()
+    d = distributed.from_env()
+    if not d.main:  # rank 0 checks, creates and locks the folder; the other ranks only read from it
+        return _train_locked(cfg, out, resume, progress, data, lambda s: None, extend_to, save_every, d)
     if out.exists() and not out.is_dir():
         raise BloodcellError(f"--out {out}: exists and is not a folder")
     if resume:
@@ -268,30 +309,54 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         except OSError as e:
             raise BloodcellError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
     with run_lock(out):
-        return _train_locked(cfg, out, resume, progress, data, log, extend_to, save_every)
+        return _train_locked(cfg, out, resume, progress, data, log, extend_to, save_every, d)
 
 
 def _train_locked(cfg: TrainConfig, out: Path, resume: bool, progress: bool | None, data: PreparedData | None,
-                  log, extend_to: int | None, save_every: float) -> dict:
+                  log, extend_to: int | None, save_every: float, d: Dist) -> dict:
+    device = resolve_device(cfg.device)
+    if d.active and device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    distributed.start(d, device)
+    try:
+        return _run(cfg, out, resume, progress, data, log, extend_to, save_every, d, device)
+    finally:
+        distributed.stop(d)
+
+
+def _run(cfg: TrainConfig, out: Path, resume: bool, progress: bool | None, data: PreparedData | None,
+         log, extend_to: int | None, save_every: float, d: Dist, device: torch.device) -> dict:
     state_path, config_path = out / "state.pt", out / "config.json"
     if resume:
         saved = TrainConfig.load(config_path)
         if extend_to and extend_to > saved.epochs:  # a resume may extend a run on request, never shorten it
             saved.epochs = extend_to
         cfg = saved
-    elif config_path.exists():  # another process created it between our check and the lock
+    elif config_path.exists() and d.main:  # another process created it between our check and the lock
         raise BloodcellError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
-    threads = set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    threads = set_threads(cfg.threads or (max(1, (os.cpu_count() or 1) // distributed.local_world()) if d.active
+                                          else None))
     configure_determinism(device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + d.rank)  # ranks draw different dropout masks; the weights start as rank 0's
     np.random.seed(cfg.seed)
     if data is None:
         data = load_dataset(cfg.data, cfg.size, cfg.data_dir)
     td = prepare_training_data(cfg, data, device)
     model, optimizer = build_model_and_optimizer(cfg, data.num_classes, data.size, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    state = TrainState(model, optimizer, scaler, torch.Generator().manual_seed(cfg.seed))
+    state = TrainState(model, optimizer, scaler, torch.Generator().manual_seed(cfg.seed), dist=d)
+    if d.active:
+        if getattr(model, "needs_pretraining", False):
+            raise BloodcellError(f"model '{cfg.model}' has a pre-training stage, which runs in one process only; "
+                                 "train it without torchrun/--nproc")
+        if cfg.sync_bn:
+            if device.type != "cuda":
+                raise BloodcellError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
+                                     "without it each process keeps its own BatchNorm statistics")
+            state.model = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters
+        state.net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if resume and state_path.is_file():
         load_checkpoint(state_path, state)
         if state.partial:
@@ -299,7 +364,8 @@ def _train_locked(cfg: TrainConfig, out: Path, resume: bool, progress: bool | No
                 f"after {state.partial['next']} images")
         else:
             log(f"resuming {out} after epoch {state.next_epoch} of {cfg.epochs}")
-    cfg.save(config_path)
+    if d.main:
+        cfg.save(config_path)
     # e.g. the AutoClassifier's autoencoder stage, done once before the first classifier epoch
     if getattr(model, "needs_pretraining", False) and state.next_epoch == 0 and not state.partial:
         from bloodcell.training.autoencoder import pretrain
@@ -316,7 +382,7 @@ def _train_locked(cfg: TrainConfig, out: Path, resume: bool, progress: bool | No
 
         stats = run_epoch(state, td, cfg, epoch, progress=progress, save_every=save_every, on_save=save_inside)
         t_val = time.perf_counter()
-        val_loss, val_acc = validate(clf, td.x_val, td.y_val)
+        val_loss, val_acc = distributed.from_main(d, validate(clf, td.x_val, td.y_val), device)
         if not (math.isfinite(stats["train_loss"]) and math.isfinite(val_loss)):
             kept = f"epoch {state.history[-1]['epoch']} is kept in {out}" if state.history else "nothing was saved"
             raise BloodcellError(f"training diverged in epoch {epoch + 1} (train loss {stats['train_loss']}, val "
@@ -329,16 +395,19 @@ def _train_locked(cfg: TrainConfig, out: Path, resume: bool, progress: bool | No
                "load": machine_load()}  # sampled once per epoch: the last minute's load average
         state.history.append(row)
         meta = weights_meta(cfg, td, epoch + 1)
-        if val_acc > state.best["val_acc"]:
+        improved = val_acc > state.best["val_acc"]
+        if improved:
             state.best = {"val_acc": val_acc, "epoch": epoch + 1}
-            save_weights(out / "best.safetensors", model, meta)
-        save_weights(out / "last.safetensors", model, meta)
-        write_text(out / "history.csv", csv_text(HISTORY_FIELDS, state.history))
+        if d.main:
+            if improved:
+                save_weights(out / "best.safetensors", model, meta)
+            save_weights(out / "last.safetensors", model, meta)
+            write_text(out / "history.csv", csv_text(HISTORY_FIELDS, state.history))
         save_checkpoint(state_path, state, epoch)
         log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}  "
             f"val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  lr {stats['lr']:.2e}  {row['seconds']:.1f}s "
             f"(train {stats['train_seconds']:.1f}s, load {row['load']})")
-    return _write_summary(cfg, out, state, td, threads, device)
+    return _write_summary(cfg, out, state, td, threads, device) if d.main else {}
 
 
 def _write_summary(cfg: TrainConfig, out: Path, state: TrainState, td: TrainingData, threads: int,
@@ -356,6 +425,7 @@ def _write_summary(cfg: TrainConfig, out: Path, state: TrainState, td: TrainingD
         "best_val_acc": state.best["val_acc"],
         "final_val_acc": state.history[-1]["val_acc"] if state.history else None,
         "threads": threads,
+        "processes": state.dist.world,
         "device": device_name(device),
         "machine": cpu_name(),  # the CPU: epoch seconds mean little without it
         "train_images": len(td.y_train),
