@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bloodcell.training.distributed as distributed
 from bloodcell import __version__
 from bloodcell.data.balance import balance_training_set, class_weights
 from bloodcell.data.recipe import Recipe
@@ -46,7 +47,6 @@ from bloodcell.machine import (
     set_threads,
 )
 from bloodcell.models import count_params_keras, count_params_trainable, create_model, get_spec
-from bloodcell.training import distributed
 from bloodcell.training.checkpoint import load_state_file, restore_training_state, rng_state, save_state
 from bloodcell.training.config import TrainConfig
 from bloodcell.training.distributed import Dist
