@@ -24,12 +24,14 @@ def shown_commands() -> list[tuple[str, str]]:
             if line.startswith("```"):
                 in_block = not in_block
                 continue
-            # inline spans that only name a command ("`bloodcell predict`") are prose, not a command to run
+            # an inline span ("`bloodcell export --int8`") names a command and options in prose: its options must
+            # exist; a code-block line is a whole command and must parse
             candidates = [line] if in_block else [c for c in re.findall(r"`(bloodcell [^`]+)`", line) if " --" in c]
             for c in candidates:
                 c = c.split("#", 1)[0].strip()
                 if c.startswith("bloodcell ") and "..." not in c:
-                    out.extend((f"{page.name}:{n}", x) for x in expand(c))
+                    kind = "command" if in_block else "options"
+                    out.extend((f"{page.name}:{n}", kind, x) for x in expand(c))
     return out
 
 
@@ -51,9 +53,20 @@ def test_the_docs_show_commands():
     assert len(COMMANDS) > 20
 
 
-@pytest.mark.parametrize("where,command", COMMANDS, ids=[w for w, _ in COMMANDS])
-def test_documented_command_parses(where, command, capsys):
+@pytest.mark.parametrize("where,kind,command", COMMANDS, ids=[w for w, _, _ in COMMANDS])
+def test_documented_command_parses(where, kind, command, capsys):
     args = shlex.split(command)[1:]
+    if kind == "options":
+        parser = build_parser()
+        for word in args:
+            sub = parser._subparsers._group_actions[0].choices if parser._subparsers else {}
+            if word not in sub:
+                break
+            parser = sub[word]
+        known = {o for a in parser._actions for o in a.option_strings}
+        unknown = [w.split("=")[0] for w in args if w.startswith("--") and w.split("=")[0] not in known]
+        assert not unknown, f"{where}: '{command}': {parser.prog} has no option {', '.join(unknown)}"
+        return
     try:
         build_parser().parse_args(args)
     except SystemExit as e:

@@ -27,3 +27,11 @@ RECIPE_SETTINGS: dict[str, dict] = {
                   schedule="paper", augment="none", normalize=False, label_smoothing=0.0, balance="none"),
 }
 assert tuple(RECIPE_SETTINGS) == RECIPES
+
+# Trust (bloodcell.trust): test-time augmentation views (the training augmentations' groups), OOD scores,
+# conformal nonconformity scores, and the image corruptions of ``evaluate --corruptions``.
+TTA = ("none", "flip", "dihedral")
+OOD_METHODS = ("msp", "energy", "mahalanobis", "knn")
+CONFORMAL_METHODS = ("lac", "aps")
+CORRUPTIONS = ("gaussian_blur", "defocus_blur", "gaussian_noise", "brightness_up", "brightness_down", "contrast_up",
+               "contrast_down", "hue", "saturation", "jpeg", "rotation", "zoom_in", "zoom_out")

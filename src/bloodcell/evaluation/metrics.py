@@ -1,4 +1,4 @@
-"""Classification metrics from one prediction pass, all computed by scikit-learn."""
+"""Classification metrics from one prediction pass (scikit-learn), and the trust metrics (bloodcell.trust)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     roc_auc_score,
 )
+
+from bloodcell.trust.calibration import ECE_BINS, calibration_metrics, mean_probabilities
+from bloodcell.trust.conformal import coverage_and_size, prediction_sets
+from bloodcell.trust.selective import risk_coverage, selective_at
+from bloodcell.trust.store import ALPHAS, TARGETS
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict:
@@ -33,4 +38,46 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: l
         y_true, y_pred, labels=labels, target_names=class_names, output_dict=True, zero_division=0
     )
     out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    return out
+
+
+def trust_metrics(y_true: np.ndarray, assessed: dict, mode=None, temperature: float = 1.0,
+                  target_accuracy: float | None = None) -> dict:
+    """Calibration before/after temperature scaling, risk-coverage, abstention at the validation thresholds,
+    conformal coverage and set size, and the OOD flag rate, from one ``Classifier.assess`` pass.
+
+    ``mode`` is the run's ``ModeCalibration`` for the TTA setting (None: uncalibrated, then only the
+    uncalibrated figures and the risk-coverage curve)."""
+    y = np.asarray(y_true).reshape(-1)
+    probs = assessed["probs"]
+    conf, correct = probs.max(1), probs.argmax(1) == y
+    rc = risk_coverage(conf, correct)
+    out: dict = {
+        "tta": assessed["tta"],
+        "calibration": {"temperature": temperature, "bins": ECE_BINS,
+                        "before": calibration_metrics(mean_probabilities(assessed["view_logits"], 1.0), y),
+                        "after": calibration_metrics(probs, y) if mode is not None else None},
+        "risk_coverage": {"aurc": rc["aurc"], "coverage_at_zero_risk": float(rc["coverage"][rc["risk"] == 0].max(
+            initial=0.0))},
+    }
+    if mode is None:
+        out["calibration"]["note"] = "not calibrated: run 'bloodcell calibrate RUN' for the rest of the trust report"
+        return out
+    out["abstention"] = {}
+    for target in TARGETS:
+        t = mode.threshold_for(target)
+        out["abstention"][str(target)] = {"val_threshold": t, **{k: v for k, v in selective_at(conf, correct, t).items()
+                                                               if k != "threshold"}}
+    t = assessed["review_threshold"]
+    accepted = ~assessed["review"]
+    out["review"] = {"target_accuracy_on_val": target_accuracy, "threshold": None if not np.isfinite(t) else float(t),
+                     "review_share": float(assessed["review"].mean()), "accepted": int(accepted.sum()),
+                     "accuracy_accepted": float(correct[accepted].mean()) if accepted.any() else None,
+                     "ood_flagged_share": float(assessed["ood"].mean()), "ood_method": mode.ood_method,
+                     "ood_threshold": mode.ood_threshold}
+    out["conformal"] = {"method": mode.conformal_method}
+    for alpha in ALPHAS:
+        q = mode.conformal_q(alpha)
+        sets = prediction_sets(probs, q, mode.conformal_method)
+        out["conformal"][str(alpha)] = {"q": q, **coverage_and_size(sets, y)}
     return out
