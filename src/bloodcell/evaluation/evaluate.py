@@ -294,7 +294,7 @@ def format_trust(m: dict) -> list[str]:
     lines += [f"{n:<14}{r['ece']:>9.4f}{r['mce']:>9.4f}{r['nll']:>9.4f}{r['brier']:>9.4f}" for n, r in rows]
     lines.append(f"risk-coverage area (AURC) {m['risk_coverage']['aurc']:.5f}")
     if cal.get("note"):
-        return [*lines, cal["note"]]
+        return [*lines, cal["note"], *format_corruptions(m)]
     lines.append(f"{'target accuracy':<17}{'val threshold':>14}{'coverage':>10}{'accuracy':>10}")
     for t in map(str, TARGETS):
         a = m["abstention"][t]
@@ -311,10 +311,15 @@ def format_trust(m: dict) -> list[str]:
     lines.append(f"conformal sets ({c['method']}): " + "; ".join(
         f"alpha {a}: coverage {c[a]['coverage']:.4f}, mean size {c[a]['mean_set_size']:.3f}"
         for a in c if a != "method"))
-    if "corruptions" in m:
-        k = m["corruptions"]
-        ood = k["mean_ood_flagged_share"]
-        lines.append(f"corruptions ({k['images']} images, 5 severities): mean accuracy "
-                     f"{k['mean_corruption_accuracy']:.4f} (clean {k['clean']['accuracy']:.4f}); review "
-                     f"{k['mean_review_share']:.2%}, OOD {'-' if ood is None else f'{ood:.2%}'}")
-    return lines
+    return [*lines, *format_corruptions(m)]
+
+
+def format_corruptions(m: dict) -> list[str]:
+    if "corruptions" not in m:
+        return []
+    k = m["corruptions"]
+    ood = k["mean_ood_flagged_share"]
+    return [f"corruptions ({k['images']} images, {len(k['corruptions'])} kinds x 5 severities): mean accuracy "
+            f"{k['mean_corruption_accuracy']:.4f} (clean {k['clean']['accuracy']:.4f}); review "
+            f"{k['mean_review_share']:.2%}, OOD {'-' if ood is None else f'{ood:.2%}'}, wrong and accepted "
+            f"{k['mean_wrong_accepted_share']:.2%}"]
