@@ -85,6 +85,24 @@ def run(tiny_npz, tmp_path) -> Path:
     return out
 
 
+def real_subset_split(pbc: Path, path: Path, per_split: dict[str, int]) -> Path:
+    """A split CSV naming the first ``per_split[split]`` images of each class and split of the real split.csv."""
+    import csv
+
+    rows, taken = [], {}
+    with open(pbc / "split.csv") as f:
+        for r in csv.DictReader(f):
+            key = (r["label"], r["split"])
+            if taken.get(key, 0) < per_split[r["split"]]:
+                taken[key] = taken.get(key, 0) + 1
+                rows.append(r)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 @pytest.fixture
 def pbc() -> Path:
     if not (PBC / "split.csv").is_file():

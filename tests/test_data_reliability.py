@@ -690,6 +690,7 @@ def test_audit_of_a_tree_where_nothing_decodes(tmp_path):
 def test_unreadable_files_do_not_break_the_fingerprint(image_tree, monkeypatch):
     """A file that cannot be read (permission denied) fails later, in decoding, as a skipped file."""
     import bloodcell.data.sources as sources
+    import bloodcell.io
 
     readable = sources.fingerprint(image_tree, ["alpha/alpha_003.jpg", "alpha/alpha_001.jpg"], {})
 
@@ -698,7 +699,7 @@ def test_unreadable_files_do_not_break_the_fingerprint(image_tree, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return open(path, *a, **k)
 
-    monkeypatch.setattr(sources, "open", failing_open, raising=False)
+    monkeypatch.setattr(bloodcell.io, "open", failing_open, raising=False)  # file_sha256 reads it
     fp = sources.fingerprint(image_tree, ["alpha/alpha_003.jpg", "alpha/alpha_001.jpg"], {})
     assert len(fp) == 64 and fp != readable
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_arrays
+from conftest import real_subset_split, synthetic_arrays
 from safetensors.torch import load_file
 
 from bloodcell.data.sources import prepare_from_npz
@@ -37,7 +37,7 @@ def cmd(data: str, out, *extra, size: int = 28, epochs: int = 3) -> list[str]:
 
 def run_ok(args: list[str]) -> None:
     p = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, p.stderr[:3000] + "\n...\n" + p.stderr[-5000:]
 
 
 @pytest.fixture
@@ -76,20 +76,7 @@ def test_two_processes_complete_repeatably_and_resume_exactly_after_a_kill(npz, 
 
 
 def test_two_processes_learn_like_one_on_real_images(pbc, tmp_path):
-    from test_real_data import PER_SPLIT  # noqa: F401 - the same small real subset as the real-data smoke test
-
-    rows, taken = [], {}
-    with open(pbc / "split.csv") as f:
-        for r in csv.DictReader(f):
-            key = (r["label"], r["split"])
-            if taken.get(key, 0) < {"train": 60, "val": 20, "test": 5}[r["split"]]:
-                taken[key] = taken.get(key, 0) + 1
-                rows.append(r)
-    split = tmp_path / "subset.csv"
-    with open(split, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "split"])
-        w.writeheader()
-        w.writerows(rows)
+    split = real_subset_split(pbc, tmp_path / "subset.csv", {"train": 60, "val": 20, "test": 5})
     from bloodcell.data.sources import prepare_from_folder
 
     prepare_from_folder(pbc, size=28, crop=200, split_file=split, name="pbc28", progress=False)

@@ -16,7 +16,7 @@ LAYERS = [
     {"data", "models", "trust"},  # trust: calibration, TTA, conformal and OOD maths on arrays and tensors
     {"inference", "runtime"},  # runtime: the torch-free bundle runner
     {"training"},
-    {"evaluation", "deploy"},
+    {"evaluation", "deploy", "tuning"},  # tuning: Optuna sweeps of training runs
     {"explain", "serve"},
     {"commands", "cli", "__main__"},
 ]

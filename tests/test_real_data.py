@@ -1,10 +1,10 @@
 """Smoke tests on the real PBC images (skipped when ../shared/data/pbc is absent)."""
 
-import csv
 
 import numpy as np
 import pytest
 import torch
+from conftest import real_subset_split
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -22,18 +22,7 @@ PER_SPLIT = {"train": 40, "val": 10, "test": 10}
 @pytest.fixture
 def real_subset(pbc, tmp_path):
     """A split file naming the first images of each class and split of the real split.csv."""
-    rows, taken = [], {}
-    with open(pbc / "split.csv") as f:
-        for r in csv.DictReader(f):
-            key = (r["label"], r["split"])
-            if taken.get(key, 0) < PER_SPLIT[r["split"]]:
-                taken[key] = taken.get(key, 0) + 1
-                rows.append(r)
-    split = tmp_path / "subset.csv"
-    with open(split, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "split"])
-        w.writeheader()
-        w.writerows(rows)
+    split = real_subset_split(pbc, tmp_path / "subset.csv", PER_SPLIT)
     info = prepare_from_folder(pbc, size=64, split_file=split, name="pbcsmall", progress=False)
     return pbc, info
 

@@ -1,5 +1,5 @@
 """The page of ``bloodcell serve`` in headless Chromium (Debian's, driven by Playwright): token prompt, upload,
-table, filters, Grad-CAM and the CSV, checked against the API's own answers.
+table, filters, Grad-CAM, the CSV and drag and drop, checked against the API's own answers.
 
 Skips when Chromium or Playwright is missing (``.ci/run`` installs both). ``BLOODCELL_SERVE_RUN=RUN`` serves that
 run instead of a tiny one and ``BLOODCELL_SCREENSHOT=FILE.png`` saves the page with its results (docs/serve.md).
@@ -7,6 +7,7 @@ run instead of a tiny one and ``BLOODCELL_SCREENSHOT=FILE.png`` saves the page w
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import os
@@ -98,5 +99,19 @@ def test_the_page_classifies_uploads_like_the_api(chromium, tmp_path):
                    < 1e-6 for r in table)
         if os.environ.get("BLOODCELL_SCREENSHOT"):
             page.screenshot(path=os.environ["BLOODCELL_SCREENSHOT"], full_page=True)
+
+        # drag and drop: files dropped on the drop zone (a real DataTransfer, as a file manager gives) are added
+        dropped = [{"name": p.name, "b64": base64.b64encode(p.read_bytes()).decode()} for p in images[:3]]
+        transfer = page.evaluate_handle(
+            "(files) => { const dt = new DataTransfer(); for (const f of files) {"
+            " const bytes = Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0));"
+            " dt.items.add(new File([bytes], 'dropped-' + f.name, { type: 'image/jpeg' })); } return dt; }", dropped)
+        page.dispatch_event("#drop", "dragover", {"dataTransfer": transfer})
+        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        page.wait_for_function(f"document.querySelectorAll('#results tbody tr').length === {len(images) + 4}",
+                               timeout=120_000)
+        for f in dropped:
+            row = page.locator("#results tbody tr", has_text="dropped-" + f["name"])
+            assert row.locator("td.cls").inner_text() == want[f["name"]]
     finally:
         server.stop()

@@ -300,22 +300,12 @@ def test_calibrate_cli_errors_are_one_line(run, tmp_path, capsys):
 # ---------------------------------------------------------------- the real PBC images
 @pytest.mark.slow
 def test_trust_on_a_real_subset(pbc, tmp_path):
+    from conftest import real_subset_split
+
     from bloodcell.data.sources import prepare_from_folder
     from bloodcell.training import TrainConfig, train
 
-    per = {"train": 40, "val": 25, "test": 25}
-    rows, taken = [], {}
-    with open(pbc / "split.csv") as f:
-        for r in csv.DictReader(f):
-            key = (r["label"], r["split"])
-            if taken.get(key, 0) < per[r["split"]]:
-                taken[key] = taken.get(key, 0) + 1
-                rows.append(r)
-    split = tmp_path / "subset.csv"
-    with open(split, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "split"])
-        w.writeheader()
-        w.writerows(rows)
+    split = real_subset_split(pbc, tmp_path / "subset.csv", {"train": 40, "val": 25, "test": 25})
     prepare_from_folder(pbc, size=64, split_file=split, name="pbctrust", progress=False)
     run = tmp_path / "run"
     train(TrainConfig(model="se-cnn", model_args={"bn_momentum": 0.3}, data="pbctrust", size=64, epochs=3,
@@ -337,7 +327,8 @@ def test_trust_on_a_real_subset(pbc, tmp_path):
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (219, 216, 3), dtype=np.uint8)).save(odd / f"noise{i}.png")
     clf = Classifier.from_run(run)
-    cells = [pbc / r["path"] for r in rows if r["split"] == "test"][:40]
+    with open(split) as f:
+        cells = [pbc / r["path"] for r in csv.DictReader(f) if r["split"] == "test"][:40]
     cell_scores = np.array([p.flags["ood_score"] for p in clf.predict_files(cells)])
     odd_scores = np.array([p.flags["ood_score"] for p in clf.predict_files([odd])])
     assert np.median(odd_scores) > np.quantile(cell_scores, 0.9)

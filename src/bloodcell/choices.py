@@ -12,6 +12,7 @@ SCHEDULES = ("paper", "exp", "cosine", "constant")
 AUGMENTS = ("none", "flip", "dihedral")
 BALANCES = ("none", "augment", "smote", "class-weight")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+PRUNERS = ("median", "hyperband", "none")  # bloodcell tune
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 RECIPES = ("recommended", "paper")

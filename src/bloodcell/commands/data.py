@@ -25,18 +25,27 @@ def cmd_data_prepare(a: argparse.Namespace) -> int:
     chosen = [x for x in (a.source, a.npz, a.download) if x]
     if len(chosen) != 1:
         raise BloodcellError("give exactly one of --source DIR, --npz FILE or --download")
+    if a.chunk_images is not None and not a.source:
+        raise BloodcellError("--chunk-images applies to --source (decoding images a chunk at a time)")
+    if (a.shard_images is not None or a.chunk_images is not None) and a.layout != "shards":
+        raise BloodcellError("--shard-images and --chunk-images apply to --layout shards")
     if a.source:
         info = sources.prepare_from_folder(a.source, size=a.size or 64, crop=a.crop, split_file=a.split_file,
                                            name=a.name, seed=a.seed, root=a.data_dir, force=a.force,
-                                           workers=a.workers, progress=sys.stderr.isatty(), corrections=a.corrections)
+                                           workers=a.workers, progress=sys.stderr.isatty(), corrections=a.corrections,
+                                           layout=a.layout, shard_images=a.shard_images,
+                                           chunk_images=a.chunk_images)
     elif a.npz:
-        info = sources.prepare_from_npz(a.npz, name=a.name, size=a.size, root=a.data_dir, corrections=a.corrections)
+        info = sources.prepare_from_npz(a.npz, name=a.name, size=a.size, root=a.data_dir, corrections=a.corrections,
+                                        layout=a.layout, shard_images=a.shard_images)
     else:
         if a.corrections:
             raise BloodcellError("--corrections applies to --source or --npz; download first, then prepare --npz")
-        info = sources.download_bloodmnist(a.size or 64, a.data_dir)
+        if a.shard_images is not None:
+            raise BloodcellError("--shard-images applies to --source or --npz")
+        info = sources.download_bloodmnist(a.size or 64, a.data_dir, layout=a.layout)
     state = "up to date (inputs unchanged), reused" if info.get("reused") else "prepared"
-    print(f"dataset '{info['name']}' at {info['size']}px {state}: {info['npz']}")
+    print(f"dataset '{info['name']}' at {info['size']}px {state}: {info.get('shards_path') or info['npz']}")
     counts = info["counts"]
     print("  " + ", ".join(f"{s} {sum(c)}" for s, c in counts.items()) + f" images, {len(info['class_names'])} classes")
     if info.get("decode_seconds") is not None and not info.get("reused"):
@@ -105,7 +114,8 @@ def cmd_data_audit(a: argparse.Namespace) -> int:
 
 def add_commands(sub) -> None:
     data = sub.add_parser("data", help="prepare, list, inspect and audit datasets",
-                          description="Datasets are MedMNIST-format npz files in a cache folder ($BLOODCELL_DATA_DIR "
+                          description="Datasets are MedMNIST-format npz files (or, for data larger than memory, "
+                                      "memory-mapped shards) in a cache folder ($BLOODCELL_DATA_DIR "
                                       "or --data-dir): 'prepare' makes one from image folders, an official npz or a "
                                       "download; 'list' shows them; 'info' counts and draws one; 'audit' looks for "
                                       "unreadable files, duplicates and leakage across splits.")
@@ -132,6 +142,15 @@ def add_commands(sub) -> None:
     pr.add_argument("--corrections", help="reviewed CSV from 'bloodcell review' (action keep/relabel/drop, "
                     "new_label), applied and recorded with its hash in the dataset metadata")
     pr.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
+    pr.add_argument("--layout", choices=("npz", "shards"), default="npz",
+                    help="how the prepared images are stored: 'npz', one file loaded whole into memory (default), "
+                         "or 'shards', memory-mapped .npy shards per split for datasets larger than memory: "
+                         "training reads each batch from disk (the results are the same)")
+    pr.add_argument("--shard-images", type=positive_int, default=None, metavar="N",
+                    help="with --layout shards: images per shard file (default: about 64 MB of pixels)")
+    pr.add_argument("--chunk-images", type=positive_int, default=None, metavar="N",
+                    help="with --layout shards and --source: images decoded and held in memory at a time "
+                         "(default: up to 4096, fewer for large sizes)")
     add_max_pixels_arg(pr)
     pr.add_argument("--data-dir", default=None, help=DIR_HELP)
     pr.set_defaults(func=cmd_data_prepare)

@@ -52,11 +52,15 @@ def cmd_train(a: argparse.Namespace) -> int:
             raise BloodcellError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
                                  "without it each process keeps its own BatchNorm statistics")
         return launch_processes(a)
-    from bloodcell.training import preset_config, train
+    from bloodcell.training import preset_config
 
     given = {k: getattr(a, k) for k in RECIPE_OPTIONS if getattr(a, k) is not None}
     if a.normalize:
         given["normalize"] = True
+    if a.config:
+        cfg = config_with_options(a, given)
+        out = Path(a.out) if a.out else Path("runs") / f"{cfg.model}_{Path(cfg.data).stem}{cfg.size}_seed{cfg.seed}"
+        return _train_and_report(a, cfg, out, None)
     if a.resume:
         if not a.out:
             raise BloodcellError("--resume needs --out RUN_DIR (the run to continue)")
@@ -68,9 +72,44 @@ def cmd_train(a: argparse.Namespace) -> int:
         device=a.device, sync_bn=a.sync_bn, **({} if a.resume else given))
     data_tag = Path(a.data).stem if a.data.endswith(".npz") else a.data
     out = Path(a.out) if a.out else Path("runs") / f"{a.model}_{data_tag}{a.size}_seed{a.seed}"
+    return _train_and_report(a, cfg, out, extend if a.resume else None)
+
+
+# Options with their own defaults that --config's file may set; given on the command line, they win over it.
+CONFIG_OPTIONS = {"model": "--model", "data": "--data", "size": "--size", "data_dir": "--data-dir", "seed": "--seed",
+                  "train_limit": "--train-limit", "threads": "--threads", "precision": "--precision",
+                  "device": "--device", "sync_bn": "--sync-bn"}
+
+
+def given_on_command_line(argv: list[str], option: str) -> bool:
+    return any(x == option or x.startswith(option + "=") for x in argv)  # the train parser allows no abbreviations
+
+
+def config_with_options(a: argparse.Namespace, given: dict):
+    """``--config FILE`` (a run's or a sweep's config.json) with the options given on the command line on top."""
+    import dataclasses
+
+    from bloodcell.training import TrainConfig
+
+    if a.resume:
+        raise BloodcellError("--config starts a new run from a saved config; --resume continues a run with its own")
+    if given_on_command_line(getattr(a, "_argv", []), "--recipe"):
+        raise BloodcellError("--config already holds every setting; --recipe would be ignored, so give one of them")
+    base = TrainConfig.load(a.config)
+    argv = getattr(a, "_argv", [])
+    fields = {k: getattr(a, k) for k, opt in CONFIG_OPTIONS.items() if given_on_command_line(argv, opt)}
+    if a.model_arg:
+        fields["model_args"] = {**base.model_args, **parse_model_args(a.model_arg)}
+    return dataclasses.replace(base, **fields, **given).validate("--config")
+
+
+def _train_and_report(a: argparse.Namespace, cfg, out: Path, extend: int | None) -> int:
+    import os
+
+    from bloodcell.training import train
+
     try:
-        summary = train(cfg, out, resume=a.resume, progress=sys.stderr.isatty(),
-                        extend_to=extend if a.resume else None)
+        summary = train(cfg, out, resume=a.resume, progress=sys.stderr.isatty(), extend_to=extend)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last finished epoch is saved in {out}; continue with "
               f"'bloodcell train --resume --out {out}'", file=sys.stderr)
@@ -111,12 +150,15 @@ def _recipe_default(key: str) -> str:
 
 def add_commands(sub) -> None:
     tr = sub.add_parser(
-        "train", help="train a model into a run folder",
+        "train", help="train a model into a run folder", allow_abbrev=False,  # --config tells given options
         description="Train a registered model. The run folder gets config.json (every setting, so the run can be "
         "repeated), history.csv, best and last weights (safetensors with metadata), state.pt for --resume, and "
         "metrics.json. The defaults are the recommended recipe (Adam 1e-3, batch 64, cosine schedule, dihedral "
         "augmentation, 20 epochs); --recipe paper gives the paper's settings, and any option given overrides "
         "the recipe. The run folder is locked while training: a second start on it is refused.")
+    tr.add_argument("--config", metavar="FILE", default=None,
+                    help="start from a saved config.json (a run's, or best_config.json of 'bloodcell tune'); "
+                         "options given as well override its values")
     tr.add_argument("--model", default="se-cnn", help="registered model name, see 'bloodcell models' "
                     "(default: %(default)s)")
     tr.add_argument("--model-arg", action="append", metavar="KEY=VALUE",

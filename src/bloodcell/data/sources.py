@@ -1,4 +1,5 @@
-"""Where datasets come from: a folder per class (the PBC layout), an official npz, or a download."""
+"""Where datasets come from: a folder per class (the PBC layout), an official npz, or a download; stored as an
+npz (in memory when used) or, for data larger than memory, as memory-mapped shards."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import csv
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -14,12 +17,22 @@ import numpy as np
 from bloodcell import __version__
 from bloodcell.data.images import ImageDecodeError, get_max_pixels, load_rgb, set_max_pixels
 from bloodcell.data.recipe import Recipe, apply_recipe
+from bloodcell.data.shards import (
+    ShardedArray,
+    ShardWriter,
+    check_layout,
+    default_chunk_images,
+    open_staged,
+    result_paths,
+    reusable,
+    staging_folder,
+    write_sharded_dataset,
+)
 from bloodcell.data.store import (
     BLOODMNIST_CLASSES,
     SIZES,
     SPLITS,
     check_dataset_name,
-    dataset_paths,
     default_class_names,
     num_labels,
     read_npz,
@@ -28,7 +41,7 @@ from bloodcell.data.store import (
     write_dataset,
 )
 from bloodcell.errors import BloodcellError
-from bloodcell.io import read_json, warn
+from bloodcell.io import file_sha256, read_json, warn
 
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 
@@ -262,18 +275,39 @@ def fingerprint(source: Path, rel_paths: list[str], extra: dict) -> str:
     for rel in rel_paths:
         h.update(rel.encode())
         try:
-            h.update(_sha256_file(source / rel).digest())
+            h.update(bytes.fromhex(file_sha256(source / rel)))
         except OSError as e:
             h.update(f"unreadable: {type(e).__name__}".encode())
     return h.hexdigest()
 
 
-def _sha256_file(path: Path):  # -> a hashlib sha256 object
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h
+@dataclass
+class FolderImport:
+    """What a folder import will read and how it splits it, decided before any image is decoded."""
+
+    source: Path
+    recipe: Recipe
+    name: str
+    classes: list[str]
+    rel_paths: list[str]
+    labels: np.ndarray
+    splits: np.ndarray | None  # from the split file; None: stratified once the decodable files are known
+    split_source: dict
+    split_file: str | Path | None
+    seed: int
+    hidden: list[dict]
+    notes: list[str]
+    fingerprint: str
+
+
+@dataclass
+class KeptImages:
+    """Each split's images as positions in the sequence of decodable files, with their labels and paths."""
+
+    positions: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    paths: dict[str, list[str]]
+    skipped: list[dict]
 
 
 def prepare_from_folder(
@@ -289,15 +323,48 @@ def prepare_from_folder(
     workers: int | None = None,
     progress: bool = True,
     corrections: str | Path | None = None,
+    layout: str = "npz",
+    shard_images: int | None = None,
+    chunk_images: int | None = None,
 ) -> dict:
     """Import a folder-per-class tree with the MedMNIST recipe; reuse the cache when nothing changed.
 
     ``corrections``: a reviewed CSV from ``bloodcell review`` (keep / relabel / drop), applied after the
     import and recorded, with its hash, in the metadata. Every file that is not imported is named in
     ``skipped``: undecodable files and (without a split file) hidden files and folders in the class folders.
+    ``layout="shards"`` stores a dataset larger than memory as memory-mapped shards (``bloodcell.data.shards``),
+    decoding ``chunk_images`` files at a time, so memory holds a chunk and a shard, never the dataset; the
+    images are the same as the npz layout's.
     """
     recipe = Recipe(size=size, crop=crop)  # first: a bad --crop or --size fails before any file is read
     check_workers(workers)
+    check_layout(layout, shard_images, chunk_images)
+    plan = plan_folder_import(source, recipe=recipe, split_file=split_file, name=name, seed=seed,
+                              corrections=corrections)
+    cached = None if force else reusable(plan.name, size, root, plan.fingerprint, layout)
+    if cached:
+        return cached
+    if layout == "shards":
+        return _import_as_shards(plan, root=root, workers=workers, progress=progress, corrections=corrections,
+                                 shard_images=shard_images, chunk_images=chunk_images)
+    t0 = time.perf_counter()
+    images, reasons = decode_all([plan.source / p for p in plan.rel_paths], recipe, workers, progress)
+    decode_s = time.perf_counter() - t0
+    ok = np.array([im is not None for im in images])
+    kept = assign_splits(plan, ok, reasons)
+    stack = np.stack([images[i] for i in np.flatnonzero(ok)])
+    arrays = {}
+    for s in SPLITS:
+        arrays[f"{s}_images"], arrays[f"{s}_labels"] = stack[kept.positions[s]], kept.labels[s]
+    meta = folder_meta(plan, kept, decode_s)
+    arrays, meta = _maybe_correct(arrays, meta, corrections)
+    write_dataset(plan.name, size, arrays, meta, root)
+    return {**meta, "reused": False, **result_paths(plan.name, size, root, "npz")}
+
+
+def plan_folder_import(source: str | Path, *, recipe: Recipe, split_file: str | Path | None, name: str | None,
+                       seed: int, corrections: str | Path | None) -> FolderImport:
+    """Scan the class folders, read the split file, and fingerprint every input, before decoding anything."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise BloodcellError(f"--seed must be a whole number >= 0, got {seed!r}")
     source = Path(source).expanduser()
@@ -334,22 +401,16 @@ def prepare_from_folder(
              "corrections": _file_hash(corrections)}
     if hidden:  # only then, so datasets without hidden files keep the fingerprints they had
         extra["hidden"] = repr([h["path"] for h in hidden])
-    fp = fingerprint(source, rel_paths, extra)
-    npz_path, json_path = dataset_paths(name, size, root)
-    if not force and npz_path.is_file() and json_path.is_file():
-        try:
-            old = read_json(json_path)
-        except BloodcellError:
-            old = {}
-        if isinstance(old, dict) and old.get("fingerprint") == fp:
-            return {**old, "reused": True, "npz": str(npz_path), "json": str(json_path)}
+    return FolderImport(source, recipe, name, classes, rel_paths, labels, splits, split_source, split_file, seed,
+                        hidden, notes, fingerprint(source, rel_paths, extra))
 
-    t0 = time.perf_counter()
-    images, reasons = decode_all([source / p for p in rel_paths], recipe, workers, progress)
-    decode_s = time.perf_counter() - t0
-    ok = np.array([im is not None for im in images])
+
+def assign_splits(plan: FolderImport, ok: np.ndarray, reasons: list[str | None]) -> KeptImages:
+    """Which decodable files go to which split (the split file's, or a stratified one of the decodable files);
+    one-line errors when a class or a split would be left without images."""
+    source, classes, rel_paths, labels = plan.source, plan.classes, plan.rel_paths, plan.labels
     failed = [{"path": rel_paths[i], "reason": reasons[i]} for i in np.flatnonzero(~ok)]
-    skipped = sorted(hidden + failed, key=lambda x: x["path"])
+    skipped = sorted(plan.hidden + failed, key=lambda x: x["path"])
     if not ok.any():
         raise BloodcellError(f"{source}: none of the {len(rel_paths)} files could be decoded as an image "
                              f"(e.g. {failed[0]['path']}: {failed[0]['reason']})")
@@ -359,37 +420,106 @@ def prepare_from_folder(
         example = f" (e.g. {bad[0]['path']}: {bad[0]['reason']})" if bad else ""
         raise BloodcellError(f"{source / classes[c]}: none of the {len(bad)} file(s) of class '{classes[c]}' could "
                              f"be decoded as an image{example}")
-    stack = np.stack([images[i] for i in keep])
-    labels, kept_paths = labels[keep], [rel_paths[i] for i in keep]
-    splits = splits[keep] if splits is not None else stratified_split(labels, seed)
-
-    arrays, split_paths = {}, {}
+    kept_labels, kept_paths = labels[keep], [rel_paths[i] for i in keep]
+    splits = plan.splits[keep] if plan.splits is not None else stratified_split(kept_labels, plan.seed)
+    positions, split_labels, split_paths = {}, {}, {}
     for s in SPLITS:
         m = splits == s
         if not m.any():
-            raise BloodcellError(f"{split_file or source}: the {s} split would be empty")
-        arrays[f"{s}_images"], arrays[f"{s}_labels"] = stack[m], labels[m]
+            raise BloodcellError(f"{plan.split_file or source}: the {s} split would be empty")
+        positions[s], split_labels[s] = np.flatnonzero(m), kept_labels[m]
         split_paths[s] = [p for p, keep_it in zip(kept_paths, m) if keep_it]
-    require_two_classes({s: arrays[f"{s}_labels"] for s in SPLITS}, f"{split_file or source} (after skipping "
-                        f"{len(failed)} undecodable file(s))", classes)
-    meta = {
-        "name": name,
-        "size": size,
-        "class_names": classes,
-        "recipe": recipe.to_dict(),
-        "source": {"kind": "folder", "path": str(source.resolve()), "files": len(rel_paths)},
-        "split_source": split_source,
-        "fingerprint": fp,
-        "counts": {s: np.bincount(arrays[f"{s}_labels"], minlength=len(classes)).tolist() for s in SPLITS},
-        "skipped": skipped,
-        "warnings": notes,
-        "paths": split_paths,
+    require_two_classes(split_labels, f"{plan.split_file or source} (after skipping {len(failed)} undecodable "
+                        f"file(s))", classes)
+    return KeptImages(positions, split_labels, split_paths, skipped)
+
+
+def folder_meta(plan: FolderImport, kept: KeptImages, decode_s: float) -> dict:
+    """The dataset metadata a folder import records (the same for both layouts)."""
+    return {
+        "name": plan.name,
+        "size": plan.recipe.size,
+        "class_names": plan.classes,
+        "recipe": plan.recipe.to_dict(),
+        "source": {"kind": "folder", "path": str(plan.source.resolve()), "files": len(plan.rel_paths)},
+        "split_source": plan.split_source,
+        "fingerprint": plan.fingerprint,
+        "counts": {s: np.bincount(kept.labels[s], minlength=len(plan.classes)).tolist() for s in SPLITS},
+        "skipped": kept.skipped,
+        "warnings": plan.notes,
+        "paths": kept.paths,
         "decode_seconds": round(decode_s, 2),
         "bloodcell_version": __version__,
     }
-    arrays, meta = _maybe_correct(arrays, meta, corrections)
-    write_dataset(name, size, arrays, meta, root)
-    return {**meta, "reused": False, "npz": str(npz_path), "json": str(json_path)}
+
+
+def iter_decoded(paths: list[Path], recipe: Recipe, workers: int | None = None, progress: bool = True,
+                 chunk: int = 4096) -> Iterator[tuple[list[np.ndarray | None], list[str | None]]]:
+    """``decode_all`` ``chunk`` files at a time, in order: (images or None per file, reasons) per chunk, so only
+    one chunk of decoded images exists at once. The worker processes are started once, for all chunks."""
+    from tqdm import tqdm
+
+    check_workers(workers)
+    workers = workers or os.cpu_count() or 1
+    jobs = [(str(p), recipe.size, recipe.crop) for p in paths]
+    bar = tqdm(total=len(jobs), desc="decode", unit="img", disable=not progress, mininterval=0.5)
+    pool = None
+    if workers > 1 and len(jobs) >= 256:
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=set_max_pixels, initargs=(get_max_pixels(),))
+    try:
+        for i in range(0, len(jobs), chunk):
+            part = jobs[i : i + chunk]
+            if pool is None:
+                results = [_decode_one(j) for j in part]
+            else:
+                results = list(pool.map(_decode_one, part, chunksize=max(1, min(128, len(part) // (4 * workers)))))
+            bar.update(len(part))
+            yield [r[0] for r in results], [r[1] for r in results]
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def decode_to_staging(plan: FolderImport, folder: Path, *, workers: int | None, progress: bool,
+                      chunk: int) -> tuple[ShardedArray | None, np.ndarray, list[str | None]]:
+    """Decode every file a chunk at a time, appending the decodable ones (in file order) to staging shards
+    in ``folder``; the staged images as one lazy array, which files decoded, and why the others did not."""
+    size = plan.recipe.size
+    writer = ShardWriter(folder, "staged", size, shard_images=chunk)
+    ok, reasons = [], []
+    for images, why in iter_decoded([plan.source / p for p in plan.rel_paths], plan.recipe, workers, progress,
+                                    chunk):
+        for im in images:
+            if im is not None:
+                writer.append(im[None])
+        ok += [im is not None for im in images]
+        reasons += why
+    return open_staged(folder, writer.close(), size), np.array(ok, dtype=bool), reasons
+
+
+def _import_as_shards(plan: FolderImport, *, root: str | Path | None, workers: int | None, progress: bool,
+                      corrections: str | Path | None, shard_images: int | None, chunk_images: int | None) -> dict:
+    """The shards layout of a folder import: decode into staging shards (the split needs to know which files
+    decode), then copy each split's images into its own shards, a chunk at a time."""
+    size = plan.recipe.size
+    chunk = chunk_images or default_chunk_images(size)
+    with staging_folder(plan.name, size, root) as tmp:
+        t0 = time.perf_counter()
+        staged, ok, reasons = decode_to_staging(plan, tmp, workers=workers, progress=progress, chunk=chunk)
+        decode_s = time.perf_counter() - t0
+        kept = assign_splits(plan, ok, reasons)
+        # the "images" are positions in the staged images: corrections drop and relabel them as they would pixels
+        arrays = {}
+        for s in SPLITS:
+            arrays[f"{s}_images"], arrays[f"{s}_labels"] = kept.positions[s], kept.labels[s]
+        meta = folder_meta(plan, kept, decode_s)
+        arrays, meta = _maybe_correct(arrays, meta, corrections)
+        images = {s: staged.select(arrays[f"{s}_images"]) for s in SPLITS}
+        labels = {s: np.asarray(arrays[f"{s}_labels"]).reshape(-1) for s in SPLITS}
+        meta = write_sharded_dataset(plan.name, size, images, labels, meta, root, shard_images=shard_images,
+                                     chunk_images=chunk)
+    return {**meta, "reused": False, **result_paths(plan.name, size, root, "shards")}
 
 
 def _file_hash(path: str | Path | None) -> str | None:
@@ -400,7 +530,7 @@ def _file_hash(path: str | Path | None) -> str | None:
         raise BloodcellError(f"{p}: is a folder, expected a corrections CSV file")
     if not p.is_file():
         raise BloodcellError(f"{p}: corrections file not found")
-    return _sha256_file(p).hexdigest()
+    return file_sha256(p)
 
 
 def _maybe_correct(arrays: dict, meta: dict, corrections: str | Path | None) -> tuple[dict, dict]:
@@ -435,14 +565,17 @@ def _npz_class_names(path: Path, k: int, class_names: list[str] | None) -> list[
 
 def prepare_from_npz(
     path: str | Path, name: str | None = None, size: int | None = None, root: str | Path | None = None,
-    corrections: str | Path | None = None, class_names: list[str] | None = None,
+    corrections: str | Path | None = None, class_names: list[str] | None = None, *, layout: str = "npz",
+    shard_images: int | None = None,
 ) -> dict:
     """Register an official (or any MedMNIST-format) npz as a prepared dataset.
 
     The class count is the npz's own (largest label + 1): BloodMNIST's names when it is 8, else
     ``class_0..`` (or ``class_names``, or those in a metadata JSON beside the file). ``size`` None takes the
-    file's size. The default name is ``bloodmnist`` for 8 classes, else the file's stem.
+    file's size. The default name is ``bloodmnist`` for 8 classes, else the file's stem. ``layout="shards"``
+    stores it as memory-mapped shards (the npz itself is read whole, so it must fit in memory once).
     """
+    check_layout(layout, shard_images)
     path = Path(path).expanduser()
     arrays = read_npz(path, every_split=True)
     actual = int(arrays["train_images"].shape[1])
@@ -459,7 +592,7 @@ def prepare_from_npz(
         "recipe": Recipe(size=actual).to_dict(),
         "source": {"kind": "npz", "path": str(path.resolve())},
         "split_source": {"kind": "npz"},
-        "fingerprint": hashlib.sha256(_sha256_file(path).digest() + (_file_hash(corrections) or "").encode()
+        "fingerprint": hashlib.sha256(bytes.fromhex(file_sha256(path)) + (_file_hash(corrections) or "").encode()
                                       ).hexdigest(),
         "counts": {s: np.bincount(arrays[f"{s}_labels"].reshape(-1), minlength=len(classes)).tolist()
                    for s in SPLITS},
@@ -467,11 +600,16 @@ def prepare_from_npz(
         "bloodcell_version": __version__,
     }
     arrays, meta = _maybe_correct(arrays, meta, corrections)
+    if layout == "shards":
+        meta = write_sharded_dataset(name, actual, {s: arrays[f"{s}_images"] for s in SPLITS},
+                                     {s: np.asarray(arrays[f"{s}_labels"]).reshape(-1) for s in SPLITS}, meta, root,
+                                     shard_images=shard_images)
+        return {**meta, "reused": False, **result_paths(name, actual, root, "shards")}
     npz_path, json_path = write_dataset(name, actual, arrays, meta, root)
     return {**meta, "reused": False, "npz": str(npz_path), "json": str(json_path)}
 
 
-def download_bloodmnist(size: int = 64, root: str | Path | None = None) -> dict:
+def download_bloodmnist(size: int = 64, root: str | Path | None = None, *, layout: str = "npz") -> dict:
     """Fetch the official BloodMNIST npz through ``medmnist`` (which checks its MD5), then register it."""
     from bloodcell.data.store import data_dir
 
@@ -497,4 +635,4 @@ def download_bloodmnist(size: int = 64, root: str | Path | None = None) -> dict:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         msg = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
         raise BloodcellError(f"could not download BloodMNIST at {size}px ({msg}); {how}") from None
-    return prepare_from_npz(target / fname, name="bloodmnist", size=size, root=root)
+    return prepare_from_npz(target / fname, name="bloodmnist", size=size, root=root, layout=layout)

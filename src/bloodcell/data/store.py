@@ -2,7 +2,9 @@
 
 Layout: ``<data_dir>/<name>/<name>_<size>.npz`` and ``<name>_<size>.json``. The npz has the MedMNIST
 keys (``train_images`` uint8 NxHxWx3, ``train_labels`` Nx1, and the same for val and test), so files
-from the official BloodMNIST release and ours are interchangeable.
+from the official BloodMNIST release and ours are interchangeable. A dataset larger than memory is stored
+instead as memory-mapped shards (``<name>_<size>_shards/``, see ``bloodcell.data.shards``); its JSON then says
+``"layout": "shards"`` and ``load_dataset`` returns its splits as lazy arrays.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def check_dataset_name(name: str) -> str:
     """A dataset name is one folder name in the cache: a path (``../x``, ``a/b``) would write outside it."""
     if not isinstance(name, str) or not name.strip() or name.startswith(".") or any(c in name for c in "/\\\0"):
         raise BloodcellError(f"dataset name {name!r} must be a plain name (no '/' or '\\', not starting with '.'); "
-                             f"to use a file, give a path ending in .npz")
+                             f"to use a file, give a path ending in .npz (or the path of a shards folder)")
     return name
 
 
@@ -68,9 +70,18 @@ def dataset_paths(name: str, size: int, root: str | Path | None = None) -> tuple
     return folder / f"{name}_{size}.npz", folder / f"{name}_{size}.json"
 
 
+SHARDS_MANIFEST = "manifest.json"
+
+
+def shards_folder(name: str, size: int, root: str | Path | None = None) -> Path:
+    """Where the shards layout of dataset ``name`` at ``size`` px lives (beside its npz and JSON)."""
+    return dataset_paths(name, size, root)[0].with_name(f"{name}_{size}_shards")
+
+
 @dataclass
 class PreparedData:
-    """A whole dataset in memory as uint8 arrays (NxHxWx3) and int64 labels (N,)."""
+    """A dataset as uint8 images (NxHxWx3) and int64 labels (N,) per split. The images are NumPy arrays in
+    memory, or, for the shards layout, ``ShardedArray``s that read rows from disk only when indexed."""
 
     images: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
@@ -232,12 +243,19 @@ def write_dataset(
 
 
 def load_dataset(data: str | Path, size: int = 64, root: str | Path | None = None) -> PreparedData:
-    """Load ``data`` (a prepared dataset's name, or a MedMNIST-format npz file) fully into memory.
+    """Load ``data`` (a prepared dataset's name, a MedMNIST-format npz file, or a shards folder).
 
+    An npz is read fully into memory (the default, for data that fits); a dataset prepared with the shards
+    layout comes back with lazy, memory-mapped images (nothing is read until indexed).
     Never downloads: fetching BloodMNIST is the explicit step ``bloodcell data prepare --download``, so a
     training run cannot start a network transfer (or fail on one) by itself.
     """
     data_s = str(data)
+    sharded = _shards_to_load(data_s, size, root)
+    if sharded is not None:
+        from bloodcell.data.shards import load_shards
+
+        return load_shards(sharded)
     if data_s.lower().endswith(".npz"):
         path = Path(data_s).expanduser()
         meta_path = path.with_suffix(".json")
@@ -269,6 +287,24 @@ def load_dataset(data: str | Path, size: int = 64, root: str | Path | None = Non
     return PreparedData(images, labels, list(classes), meta, path)
 
 
+def _shards_to_load(data: str, size: int, root: str | Path | None) -> Path | None:
+    """The shards folder ``data`` names: a path to one (names cannot contain a separator), or a prepared
+    dataset whose JSON says ``"layout": "shards"`` (or that has shards and no npz). None for the npz layout."""
+    if "/" in data or os.sep in data:
+        folder = Path(data).expanduser()
+        return folder if folder.is_dir() and not data.lower().endswith(".npz") else None
+    if data.lower().endswith(".npz"):
+        return None
+    npz_path, meta_path = dataset_paths(data, size, root)
+    folder = shards_folder(data, size, root)
+    if not meta_path.is_file():
+        return None
+    layout = _read_meta(meta_path).get("layout", "npz")
+    if layout == "shards" or (not npz_path.is_file() and (folder / SHARDS_MANIFEST).is_file()):
+        return folder
+    return None
+
+
 def _read_meta(path: Path) -> dict:
     meta = read_json(path)
     if not isinstance(meta, dict):
@@ -288,12 +324,16 @@ def list_datasets(root: str | Path | None = None) -> list[dict]:
     if not base.is_dir():
         return out
     for meta_path in sorted(base.glob("*/*.json")):
-        npz_path = meta_path.with_suffix(".npz")
-        if not npz_path.is_file():
-            continue
         try:
             meta = _read_meta(meta_path)
         except BloodcellError:
+            continue
+        npz_path = meta_path.with_suffix(".npz")
+        if meta.get("layout") == "shards":
+            npz_path = meta_path.with_name(meta_path.stem + "_shards")  # the folder stands where the npz would
+            if not (npz_path / SHARDS_MANIFEST).is_file():
+                continue
+        elif not npz_path.is_file():
             continue
         counts = meta.get("counts", {})
         out.append({

@@ -1,12 +1,19 @@
-"""The fast data path: whole splits as uint8 NCHW tensors, batches cut by index, augmented as a batch."""
+"""The fast data path: whole splits as uint8 NCHW tensors, batches cut by index, augmented as a batch.
+
+A split stored as shards (larger than memory) is a ``ShardedImages`` instead: it is indexed like the tensor
+(an index tensor in, a uint8 NCHW batch out) but reads only the rows asked for from the memory maps.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from bloodcell.data.shards import ShardedArray
 from bloodcell.data.store import PreparedData
 from bloodcell.errors import BloodcellError
+
+STATS_CHUNK = 8192  # images per step when the channel statistics of a split on disk are summed
 
 
 def to_uint8_nchw(images: np.ndarray) -> torch.Tensor:
@@ -14,10 +21,95 @@ def to_uint8_nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of a uint8 NCHW tensor, in [0, 1] units."""
+class ShardedImages:
+    """A split on disk seen as a uint8 NCHW tensor: ``len``, ``shape``, and indexing by an index tensor, an
+    array or a slice returns the batch as a uint8 tensor on ``device``, read from the memory-mapped shards
+    (rows sorted for locality, then put back in the order asked). ``to`` and ``select`` are lazy."""
+
+    dtype = torch.uint8
+
+    def __init__(self, array: ShardedArray, device: torch.device | str = "cpu"):
+        self.array = array
+        self.device = torch.device(device)
+
+    @property
+    def shape(self) -> torch.Size:
+        n, h, w, c = self.array.shape
+        return torch.Size((n, c, h, w))
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __repr__(self) -> str:
+        return f"ShardedImages(shape={tuple(self.shape)}, device={self.device})"
+
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ShardedImages:
+        """The same images, with batches delivered on ``device`` (nothing is read or moved now)."""
+        return ShardedImages(self.array, device)
+
+    def contiguous(self) -> ShardedImages:
+        return self
+
+    def select(self, indices: torch.Tensor | np.ndarray) -> ShardedImages:
+        """A lazy subset (e.g. ``--train-limit``): nothing is read."""
+        return ShardedImages(self.array.select(_host_index(indices)), self.device)
+
+    def read(self, indices: torch.Tensor | np.ndarray | slice) -> torch.Tensor:
+        """The rows at ``indices`` as a uint8 NCHW tensor on the host (safe to call from a reader thread)."""
+        rows = self.array[indices] if isinstance(indices, slice) else self.array.take(_host_index(indices))
+        return to_uint8_nchw(rows)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, (int, np.integer)):
+            return self.read(np.array([key]))[0].to(self.device)
+        return self.read(key).to(self.device, non_blocking=True)
+
+    def nhwc(self) -> np.ndarray:
+        """The whole split in memory as NxHxWx3 (for steps that need every image at once, e.g. oversampling)."""
+        return np.asarray(self.array)
+
+
+def _host_index(indices) -> np.ndarray:
+    if isinstance(indices, torch.Tensor):
+        return indices.detach().cpu().numpy()
+    return np.asarray(indices)
+
+
+def as_nchw(images) -> torch.Tensor | ShardedImages:
+    """A split's images as the model code indexes them: a NumPy array becomes a uint8 NCHW tensor, a split on
+    disk a ``ShardedImages``; tensors pass through."""
+    if isinstance(images, ShardedArray):
+        return ShardedImages(images)
+    if isinstance(images, np.ndarray):
+        return to_uint8_nchw(images)
+    return images
+
+
+def channel_stats(images: torch.Tensor | ShardedImages) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a uint8 NCHW tensor, in [0, 1] units.
+
+    A split on disk is summed in chunks in float64 (the whole split as floats would not fit), so its figures
+    can differ from the in-memory float32 ones in the last digits."""
+    if isinstance(images, ShardedImages):
+        return _chunked_channel_stats(images)
     x = images.float().div_(255)
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+
+
+def _chunked_channel_stats(images: ShardedImages) -> tuple[list[float], list[float]]:
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(images), STATS_CHUNK):
+        x = images.read(slice(i, i + STATS_CHUNK)).double().div_(255)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    count = len(images) * images.shape[2] * images.shape[3]
+    mean = total / count
+    var = (squares - count * mean.square()) / max(count - 1, 1)  # unbiased, as torch.std
+    return mean.tolist(), var.clamp_min(0).sqrt().tolist()
 
 
 class Normalizer:
@@ -84,5 +176,6 @@ def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep))
 
 
-def split_tensors(data: PreparedData, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return to_uint8_nchw(data.images[split]), torch.from_numpy(data.labels[split])
+def split_tensors(data: PreparedData, split: str) -> tuple[torch.Tensor | ShardedImages, torch.Tensor]:
+    """A split's images (a tensor, or ``ShardedImages`` for a split on disk) and its labels."""
+    return as_nchw(data.images[split]), torch.from_numpy(data.labels[split])

@@ -14,7 +14,7 @@ import torch
 
 from bloodcell.choices import CORRUPTIONS, SPLITS, TTA
 from bloodcell.data.store import load_dataset
-from bloodcell.data.tensors import stratified_subset, to_uint8_nchw
+from bloodcell.data.tensors import as_nchw, stratified_subset, to_uint8_nchw
 from bloodcell.errors import BloodcellError
 from bloodcell.evaluation.metrics import classification_metrics, trust_metrics
 from bloodcell.evaluation.plots import confusion_matrix_png, history_png
@@ -35,8 +35,9 @@ CORRUPTION_CHUNK = 1024  # images corrupted and assessed at a time (bounds memor
 
 def evaluate_outputs(classifier: Classifier, images: np.ndarray | torch.Tensor, labels: np.ndarray,
                      tta: str | None = None) -> tuple[dict, dict]:
-    """``evaluate``'s metrics and the ``assess`` arrays they came from (for the figures)."""
-    x = to_uint8_nchw(images) if isinstance(images, np.ndarray) else images
+    """``evaluate``'s metrics and the ``assess`` arrays they came from (for the figures). A split on disk
+    (shards) is read a chunk at a time as the model goes through it."""
+    x = as_nchw(images)
     a = classifier.assess(x, tta)
     probs = a["probs"]
     bad = int((~np.isfinite(probs).all(1)).sum())
@@ -224,8 +225,9 @@ def calibrate_run(run_dir: str | Path, checkpoint: str = "best", device: str = "
     if len(data.labels["val"]) < 2 * len(data.class_names):
         raise BloodcellError(f"{run_dir}: the validation split has {len(data.labels['val'])} images, too few to "
                              "calibrate on")
-    cal = clf.fit_calibration(to_uint8_nchw(data.images["val"]), data.labels["val"],
-                              to_uint8_nchw(data.images["train"]), data.labels["train"], checkpoint=checkpoint,
+    # as_nchw: a split on disk is read in chunks (val) or only the rows used (train's feature subset)
+    cal = clf.fit_calibration(as_nchw(data.images["val"]), data.labels["val"],
+                              as_nchw(data.images["train"]), data.labels["train"], checkpoint=checkpoint,
                               modes=tuple(modes), target_accuracy=target_accuracy, ood_rate=ood_rate,
                               ood_method=ood_method, conformal_method=conformal_method or DEFAULT_CONFORMAL_METHOD)
     cal.info.update({"dataset": data.meta.get("name", cfg.data), "size": cfg.size, "model": cfg.model})

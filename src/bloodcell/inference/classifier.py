@@ -29,7 +29,7 @@ from bloodcell.trust.calibration import calibration_metrics, fit_temperature, me
 from bloodcell.trust.conformal import nonconformity, prediction_sets
 from bloodcell.trust.ood import FEATURE_METHODS, FeatureStats, ood_scores, threshold_at_rate
 from bloodcell.trust.selective import threshold_for_accuracy
-from bloodcell.trust.store import Calibration, ModeCalibration, load_calibration, sha256_file
+from bloodcell.trust.store import Calibration, ModeCalibration, file_sha256, load_calibration
 from bloodcell.trust.tta import n_views, tta_views
 
 # An image whose shorter side is under this fraction of the recipe's crop was not what the model saw in
@@ -252,7 +252,7 @@ class Classifier:
                                        conf, correct, summary)
         info = {"validation_images": int(len(val_labels)),
                 "feature_train_images": int(len(stats.bank)) if stats is not None else 0, "notes": notes}
-        return Calibration(checkpoint, sha256_file(self.source), target_accuracy, ood_rate, out, stats, info)
+        return Calibration(checkpoint, file_sha256(self.source), target_accuracy, ood_rate, out, stats, info)
 
     # ------------------------------------------------------------ arrays and files (the host boundary)
     def predict_arrays(self, images: np.ndarray, batch_size: int = 512, tta: str | None = None) -> np.ndarray:

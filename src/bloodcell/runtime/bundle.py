@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bloodcell.data.recipe import Recipe
 from bloodcell.errors import BloodcellError
-from bloodcell.io import read_json
+from bloodcell.io import file_sha256, read_json  # noqa: F401 - file_sha256 is part of this module's API
 
 FORMAT = "bloodcell-bundle-1"
 BUNDLE_JSON = "bundle.json"
@@ -28,14 +28,6 @@ def content_digest(bundle: dict) -> str:
     """SHA-256 of bundle.json's content without its own digest (key order and whitespace do not matter)."""
     body = {k: v for k, v in bundle.items() if k != DIGEST_KEY}
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_bundle(path: str | Path) -> bool:

@@ -1,9 +1,11 @@
 """One training run: config in, run folder out (config, history, weights, metrics). Resumable, on any device.
 
 ``train`` is a sequence of named steps, each testable alone: ``prepare_training_data`` (the splits as uint8
-tensors on the device), ``build_model_and_optimizer``, ``run_epoch`` (no host synchronisation per batch:
-loss and correct counts accumulate as tensors), ``validate`` (through the inference ``Classifier``) and
-``save_checkpoint`` / ``load_checkpoint`` (everything needed to resume exactly, the CUDA RNG included).
+tensors on the device, or, for a dataset stored as shards, lazy ``ShardedImages`` read batch by batch),
+``build_model_and_optimizer``, ``run_epoch`` (no host synchronisation per batch: loss and correct counts
+accumulate as tensors; batches on disk are read one ahead in a background thread), ``validate`` (through the
+inference ``Classifier``) and ``save_checkpoint`` / ``load_checkpoint`` (everything needed to resume exactly, the
+CUDA RNG included).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from bloodcell.data.recipe import Recipe
 from bloodcell.data.store import PreparedData, load_dataset
 from bloodcell.data.tensors import (
     Normalizer,
+    ShardedImages,
     apply_augment,
     augment_codes,
     channel_stats,
@@ -51,6 +54,7 @@ from bloodcell.training.checkpoint import load_state_file, restore_training_stat
 from bloodcell.training.config import TrainConfig
 from bloodcell.training.distributed import Dist
 from bloodcell.training.lock import run_lock
+from bloodcell.training.prefetch import batch_reader
 from bloodcell.training.schedules import lr_factor
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "load"]
@@ -61,12 +65,12 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class TrainingData:
-    """The training and validation splits as uint8 NCHW tensors on the training device, and what the loss and
-    the saved weights need to know about them."""
+    """The training and validation splits as uint8 NCHW tensors on the training device (or ``ShardedImages``
+    delivering batches there, for a dataset on disk), and what the loss and the saved weights need to know."""
 
-    x_train: torch.Tensor
+    x_train: torch.Tensor | ShardedImages
     y_train: torch.Tensor
-    x_val: torch.Tensor
+    x_val: torch.Tensor | ShardedImages
     y_val: torch.Tensor
     class_names: list[str]
     size: int
@@ -104,7 +108,10 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def prepare_training_data(cfg: TrainConfig, data: PreparedData, device: torch.device) -> TrainingData:
-    """Subset, balance and (optionally) measure normalisation statistics on the host, then move to ``device``."""
+    """Subset, balance and (optionally) measure normalisation statistics on the host, then move to ``device``.
+
+    A split on disk stays there (subset lazily, statistics summed in chunks); oversampling (``--balance augment``
+    or ``smote``) needs every training image at once, so it reads the training split into memory."""
     if data.size != cfg.size:
         raise BloodcellError(f"dataset '{cfg.data}' has {data.size}px images, but --size is {cfg.size}")
     x_train, y_train = split_tensors(data, "train")
@@ -114,11 +121,12 @@ def prepare_training_data(cfg: TrainConfig, data: PreparedData, device: torch.de
             raise BloodcellError(f"--train-limit {cfg.train_limit} is below the {data.num_classes} classes; one "
                                  f"image of each is always kept, so give at least {data.num_classes}")
         keep = torch.from_numpy(stratified_subset(data.labels["train"], cfg.train_limit, cfg.seed))
-        x_train, y_train = x_train[keep], y_train[keep]
+        x_train = x_train.select(keep) if isinstance(x_train, ShardedImages) else x_train[keep]
+        y_train = y_train[keep]
     loss_weight = None
     if cfg.balance in ("augment", "smote"):
-        imgs, labels = balance_training_set(x_train.permute(0, 2, 3, 1).numpy(), y_train.numpy(),
-                                            data.num_classes, cfg.balance, cfg.seed)
+        host = x_train.nhwc() if isinstance(x_train, ShardedImages) else x_train.permute(0, 2, 3, 1).numpy()
+        imgs, labels = balance_training_set(host, y_train.numpy(), data.num_classes, cfg.balance, cfg.seed)
         x_train, y_train = to_uint8_nchw(imgs), torch.from_numpy(labels)
     elif cfg.balance == "class-weight":
         loss_weight = class_weights(y_train.numpy(), data.num_classes).to(device)
@@ -182,7 +190,9 @@ def run_epoch(state: TrainState, td: TrainingData, cfg: TrainConfig, epoch: int,
 
     Losses and correct counts stay on the device; the host reads them once, at the end (and when a part-epoch
     state is saved every ``save_every`` seconds through ``on_save``). In a multi-process run every rank draws the
-    whole batch's indices and augmentation codes and trains on its shard; the sums are added over ranks.
+    whole batch's indices and augmentation codes and trains on its shard; the sums are added over ranks. A
+    training split on disk (``ShardedImages``) is read one batch ahead in a background thread, each rank reading
+    only its shard of the batch; the batches are the same, so the results are those of the in-memory run.
     """
     from tqdm import tqdm
 
@@ -213,37 +223,38 @@ def run_epoch(state: TrainState, td: TrainingData, cfg: TrainConfig, epoch: int,
                               enabled=cfg.precision != "fp32")
     bar = tqdm(range(first, n, bs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                disable=not (progress and d.main), leave=False, initial=first // bs, total=-(-n // bs))
-    for i in bar:
-        batch = perm_dev[i : i + bs]
-        codes = augment_codes(len(batch), cfg.augment, gen) if cfg.augment != "none" else None
-        if len(batch) < d.world:  # a last batch too small to give every rank an image is left out
-            continue
-        idx = distributed.shard(batch, d)
-        xb = td.x_train[idx] if codes is None else apply_augment(td.x_train[idx], distributed.shard(codes, d),
-                                                                   cfg.augment)
-        yb = td.y_train[idx]
-        with autocast:
-            logits = net(norm(xb))
-            loss = F.cross_entropy(logits, yb, weight=td.loss_weight, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        loss_sum += loss.detach().to(acc_dtype) * len(idx)
-        correct += (logits.argmax(1) == yb).sum()
-        seen += len(batch)
-        if on_save and i + bs < n:
-            due = time.perf_counter() - last_save >= save_every
-            if d.active and (i // bs) % SAVE_CHECK_BATCHES:
-                continue  # ranks agree on saving only every SAVE_CHECK_BATCHES batches (one broadcast each time)
-            if distributed.any_rank(d, due, device):
-                total_loss, total_correct = distributed.all_sum(d, loss_sum), distributed.all_sum(d, correct)
-                on_save({"next": i + bs, "perm": perm, "seen": seen, "loss_sum": float(total_loss),
-                         "correct": int(total_correct), "seconds": time.perf_counter() - t0})
-                if d.active:  # the saved record holds the sums over ranks: rank 0 carries them, the others restart
-                    loss_sum = total_loss if d.main else torch.zeros_like(loss_sum)
-                    correct = total_correct if d.main else torch.zeros_like(correct)
-                last_save = time.perf_counter()
+    # take(idx): plain indexing in memory; for a split on disk, the batch read while the previous one trained
+    with batch_reader(td.x_train, perm, range(first, n, bs), bs, d) as take:
+        for i in bar:
+            batch = perm_dev[i : i + bs]
+            codes = augment_codes(len(batch), cfg.augment, gen) if cfg.augment != "none" else None
+            if len(batch) < d.world:  # a last batch too small to give every rank an image is left out
+                continue
+            idx = distributed.shard(batch, d)
+            xb = take(idx) if codes is None else apply_augment(take(idx), distributed.shard(codes, d), cfg.augment)
+            yb = td.y_train[idx]
+            with autocast:
+                logits = net(norm(xb))
+                loss = F.cross_entropy(logits, yb, weight=td.loss_weight, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach().to(acc_dtype) * len(idx)
+            correct += (logits.argmax(1) == yb).sum()
+            seen += len(batch)
+            if on_save and i + bs < n:
+                due = time.perf_counter() - last_save >= save_every
+                if d.active and (i // bs) % SAVE_CHECK_BATCHES:
+                    continue  # ranks agree on saving only every SAVE_CHECK_BATCHES batches (one broadcast each)
+                if distributed.any_rank(d, due, device):
+                    total_loss, total_correct = distributed.all_sum(d, loss_sum), distributed.all_sum(d, correct)
+                    on_save({"next": i + bs, "perm": perm, "seen": seen, "loss_sum": float(total_loss),
+                             "correct": int(total_correct), "seconds": time.perf_counter() - t0})
+                    if d.active:  # the saved record holds the sums over ranks: rank 0 carries them, others restart
+                        loss_sum = total_loss if d.main else torch.zeros_like(loss_sum)
+                        correct = total_correct if d.main else torch.zeros_like(correct)
+                    last_save = time.perf_counter()
     loss_sum, correct = distributed.all_sum(d, loss_sum), distributed.all_sum(d, correct)
     return {"train_loss": float(loss_sum) / max(seen, 1), "train_acc": int(correct) / max(seen, 1), "lr": lr,
             "train_seconds": time.perf_counter() - t0}
@@ -284,20 +295,22 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool | None = None,
           data: PreparedData | None = None, log=print, extend_to: int | None = None,
-          save_every: float = 300.0) -> dict:
+          save_every: float = 300.0, on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Train ``cfg`` into run folder ``out``; with ``resume`` continue from where it was stopped.
 
     On resume the saved config is used; ``extend_to`` may raise its epoch count. Besides the state at the end of
     each epoch, the state inside an epoch is saved every ``save_every`` seconds (an epoch of a large model takes
     over half an hour on a 2-core CPU), so a killed run loses at most that much; the resumed run ends exactly
-    as an uninterrupted one. The run folder is locked while training.
+    as an uninterrupted one. The run folder is locked while training. ``on_epoch(row)`` is called with each
+    epoch's history row once that epoch is saved (a sweep reports it to its pruner; an exception it raises stops
+    the run with the epochs so far kept).
     Returns the training summary (also written to ``metrics.json`` under "training").
     """
     out = Path(out)
     cfg.validate()
     d = distributed.from_env()
     if not d.main:  # rank 0 checks, creates and locks the folder; the other ranks only read from it
-        return _train_locked(cfg, out, resume, progress, data, lambda s: None, extend_to, save_every, d)
+        return _train_locked(cfg, out, resume, progress, data, lambda s: None, extend_to, save_every, d, None)
     if out.exists() and not out.is_dir():
         raise BloodcellError(f"--out {out}: exists and is not a folder")
     if resume:
@@ -309,24 +322,26 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         except OSError as e:
             raise BloodcellError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
     with run_lock(out):
-        return _train_locked(cfg, out, resume, progress, data, log, extend_to, save_every, d)
+        return _train_locked(cfg, out, resume, progress, data, log, extend_to, save_every, d, on_epoch)
 
 
 def _train_locked(cfg: TrainConfig, out: Path, resume: bool, progress: bool | None, data: PreparedData | None,
-                  log, extend_to: int | None, save_every: float, d: Dist) -> dict:
+                  log, extend_to: int | None, save_every: float, d: Dist, on_epoch) -> dict:
     device = resolve_device(cfg.device)
     if d.active and device.type == "cuda":  # one GPU per process
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
     distributed.start(d, device)
     try:
-        return _run(cfg, out, resume, progress, data, log, extend_to, save_every, d, device)
+        result = _run(cfg, out, resume, progress, data, log, extend_to, save_every, d, device, on_epoch)
+        distributed.barrier(d)  # no rank closes its connections while rank 0 still writes (gloo would abort)
+        return result
     finally:
         distributed.stop(d)
 
 
 def _run(cfg: TrainConfig, out: Path, resume: bool, progress: bool | None, data: PreparedData | None,
-         log, extend_to: int | None, save_every: float, d: Dist, device: torch.device) -> dict:
+         log, extend_to: int | None, save_every: float, d: Dist, device: torch.device, on_epoch) -> dict:
     state_path, config_path = out / "state.pt", out / "config.json"
     if resume:
         saved = TrainConfig.load(config_path)
@@ -407,6 +422,8 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: bool | None, data:
         log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}  "
             f"val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  lr {stats['lr']:.2e}  {row['seconds']:.1f}s "
             f"(train {stats['train_seconds']:.1f}s, load {row['load']})")
+        if on_epoch is not None:
+            on_epoch(dict(row))
     return _write_summary(cfg, out, state, td, threads, device) if d.main else {}
 
 

@@ -8,7 +8,6 @@ retrained after calibrating, or a half-replaced pair of files, are noticed and t
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from bloodcell.choices import CONFORMAL_METHODS, OOD_METHODS, TTA
 from bloodcell.errors import BloodcellError
-from bloodcell.io import atomic_write, read_json, warn, write_json
+from bloodcell.io import atomic_write, file_sha256, read_json, warn, write_json
 from bloodcell.trust.conformal import conformal_quantile
 from bloodcell.trust.ood import FeatureStats
 from bloodcell.trust.selective import threshold_for_accuracy
@@ -28,14 +27,6 @@ JSON_NAME = "calibration.json"
 ARRAYS_NAME = "calibration.safetensors"
 TARGETS = (0.99, 0.995, 0.999)  # target accuracies reported by calibrate and evaluate
 ALPHAS = (0.1, 0.05, 0.01)  # conformal miscoverage levels reported
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -93,7 +84,7 @@ class Calibration:
         if self.features is not None:
             arrays.update({f"features/{k}": np.ascontiguousarray(v) for k, v in self.features.arrays().items()})
         atomic_write(folder / ARRAYS_NAME, lambda tmp: save_file(arrays, tmp, metadata={"format": FORMAT}))
-        write_json(folder / JSON_NAME, self.to_json(sha256_file(folder / ARRAYS_NAME)))
+        write_json(folder / JSON_NAME, self.to_json(file_sha256(folder / ARRAYS_NAME)))
         return folder / JSON_NAME
 
 
@@ -107,12 +98,12 @@ def load_calibration(folder: str | Path, weights: str | Path) -> Calibration | N
     d = read_json(path)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise BloodcellError(f"{path}: not a bloodcell calibration file; remove it or run 'bloodcell calibrate' again")
-    if d.get("weights_sha256") != sha256_file(weights):
+    if d.get("weights_sha256") != file_sha256(weights):
         warn(f"{path} was fitted for other weights than {weights} (retrained, or another checkpoint than its "
              f"'{d.get('checkpoint')}'); it is ignored: run 'bloodcell calibrate' again")
         return None
     arrays_path = folder / ARRAYS_NAME
-    if not arrays_path.is_file() or sha256_file(arrays_path) != d.get("arrays_sha256"):
+    if not arrays_path.is_file() or file_sha256(arrays_path) != d.get("arrays_sha256"):
         warn(f"{arrays_path} is missing or does not match {path} (interrupted calibrate?); the calibration is "
              "ignored: run 'bloodcell calibrate' again")
         return None
