@@ -13,6 +13,7 @@ AUGMENTS = ("none", "flip", "dihedral")
 BALANCES = ("none", "augment", "smote", "class-weight")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRUNERS = ("median", "hyperband", "none")  # bloodcell tune
+LAYOUTS = ("npz", "shards")  # data prepare --layout: one npz in memory, or memory-mapped shards on disk
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 RECIPES = ("recommended", "paper")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bloodcell.choices import SIZES
+from bloodcell.choices import LAYOUTS, SIZES
 from bloodcell.commands.common import (
     DIR_HELP,
     add_data_args,
@@ -142,7 +142,7 @@ def add_commands(sub) -> None:
     pr.add_argument("--corrections", help="reviewed CSV from 'bloodcell review' (action keep/relabel/drop, "
                     "new_label), applied and recorded with its hash in the dataset metadata")
     pr.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
-    pr.add_argument("--layout", choices=("npz", "shards"), default="npz",
+    pr.add_argument("--layout", choices=LAYOUTS, default="npz",
                     help="how the prepared images are stored: 'npz', one file loaded whole into memory (default), "
                          "or 'shards', memory-mapped .npy shards per split for datasets larger than memory: "
                          "training reads each batch from disk (the results are the same)")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bloodcell.choices import LAYOUTS
 from bloodcell.data.store import (
     SHARDS_MANIFEST,
     SPLITS,
@@ -47,7 +48,6 @@ VERSION = 1
 MANIFEST = SHARDS_MANIFEST
 SHARD_BYTES = 64 << 20  # default shard: about 64 MiB of pixels (5461 images at 64 px, 445 at 224 px)
 CHUNK_BYTES = 256 << 20  # default chunk of images decoded or copied at a time
-LAYOUTS = ("npz", "shards")
 
 
 def image_bytes(size: int) -> int:
