@@ -70,8 +70,23 @@ def make_pruner(name: str, epochs: int):
     raise BloodcellError(f"--pruner '{name}' is not one of {', '.join(PRUNERS)}")
 
 
-def open_study(url: str, name: str, *, sampler_seed: int = 0, pruner=None, create: bool = True):
-    """The study ``name`` in storage ``url`` (created if ``create`` and missing), maximising validation accuracy."""
+def open_study(url: str, name: str, *, sampler_seed: int = 0, pruner=None, create: bool = True, tries: int = 5):
+    """The study ``name`` in storage ``url`` (created if ``create`` and missing), maximising validation accuracy.
+
+    Workers started together race to create Optuna's tables and the study; the loser's unique-key error is
+    retried (the winner's tables and study are then found)."""
+    for attempt in range(tries):
+        try:
+            return _open_study(url, name, sampler_seed=sampler_seed, pruner=pruner, create=create)
+        except BloodcellError as e:
+            if attempt == tries - 1 or not any(k in str(e) for k in ("UniqueViolation", "duplicate key",
+                                                                       "IntegrityError", "already exists")):
+                raise
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
+
+
+def _open_study(url: str, name: str, *, sampler_seed: int, pruner, create: bool):
     optuna = _optuna()
     try:
         with warnings.catch_warnings():  # heartbeats are marked experimental; they let a killed worker's trial fail
