@@ -41,6 +41,10 @@ def positive_int(text: str) -> int:
     return _number(text, int, "a whole number", lambda v: v >= 1, "at least 1")
 
 
+def non_negative_int(text: str) -> int:
+    return _number(text, int, "a whole number", lambda v: v >= 0, "0 or more")
+
+
 def positive_float(text: str) -> float:
     return _number(text, float, "a number", lambda v: 0 < v < float("inf"), "a positive number")
 

@@ -12,6 +12,7 @@ from bloodcell.commands.common import (
     add_precision_arg,
     add_threads_arg,
     non_negative_float,
+    non_negative_int,
     parse_model_args,
     positive_float,
     positive_int,
@@ -20,16 +21,6 @@ from bloodcell.errors import BloodcellError
 
 FIXED_OPTIONS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "augment", "label_smoothing", "balance",
                  "schedule")
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
