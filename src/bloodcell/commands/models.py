@@ -8,36 +8,67 @@ import json
 from bloodcell.commands.common import text_table
 
 
+def flop_counter():
+    """torch's FLOP counter, also counting the CPU's fused attention kernel (which torch leaves out): without it
+    a ViT's attention products would count 0."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return FlopCounterMode(display=False, custom_mapping={op: cpu_sdpa} if op is not None else None)
+
+
+def measure(spec) -> dict:
+    """Parameter counts and forward MFLOPs at 64 px; counts are None when the model cannot be built here (e.g.
+    an optional library is missing), so the listing still shows every model."""
+    import torch
+
+    from bloodcell.errors import BloodcellError
+    from bloodcell.models import count_params_keras, count_params_trainable, create_model
+
+    try:
+        m = create_model(spec.name, input_size=64).eval()
+    except BloodcellError as e:
+        return {"params_keras": None, "params_trainable": None, "mflops_64": None, "unavailable": str(e)}
+    counter = flop_counter()
+    with counter, torch.no_grad():
+        m(torch.zeros(1, 3, 64, 64))
+    return {"params_keras": count_params_keras(m), "params_trainable": count_params_trainable(m),
+            "mflops_64": round(counter.get_total_flops() / 1e6, 1)}  # FLOPs = 2 x multiply-adds
+
+
 def cmd_models(a: argparse.Namespace) -> int:
     import re
 
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from bloodcell.models import count_params_keras, count_params_trainable, create_model, list_models
+    from bloodcell.models import list_models
 
     def natural(spec) -> list:  # cnn-t2-2 before cnn-t2-10
         return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", spec.name)]
 
     rows = []
     for spec in sorted(list_models(), key=natural):
-        m = create_model(spec.name, input_size=64).eval()
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            m(torch.zeros(1, 3, 64, 64))
-        rows.append({"name": spec.name, "family": spec.family, "params_keras": count_params_keras(m),
-                     "params_trainable": count_params_trainable(m),
-                     "mflops_64": round(counter.get_total_flops() / 1e6, 1),  # FLOPs = 2 x multiply-adds
+        rows.append({"name": spec.name, "family": spec.family, **measure(spec),
                      "optimizer": spec.optimizer,
                      "input_sizes": list(spec.input_sizes) if spec.input_sizes else None,
+                     "pretrained": spec.pretrained,
                      "description": spec.description})
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0
+
+    def num(v, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
     header = ["name", "family", "params (Keras)", "trainable", "MFLOPs@64", "optimizer", "description"]
-    print(text_table(header, [[r["name"], r["family"], f"{r['params_keras']:,}", f"{r['params_trainable']:,}",
-                               f"{r['mflops_64']:,.1f}", r["optimizer"], r["description"]] for r in rows]))
+    print(text_table(header, [[r["name"], r["family"], num(r["params_keras"], ","), num(r["params_trainable"], ","),
+                               num(r["mflops_64"], ",.1f"), r["optimizer"],
+                               r["description"] + (f" [{r['unavailable']}]" if "unavailable" in r else "")]
+                              for r in rows]))
     print("MFLOPs: forward pass of one 64x64 image, counted by torch FlopCounterMode (1 multiply-add = 2 FLOPs).")
+    print("--pretrained (library ImageNet weights): " + ", ".join(r["name"] for r in rows if r["pretrained"]))
     return 0
 
 

@@ -65,11 +65,12 @@ def cmd_train(a: argparse.Namespace) -> int:
         if not a.out:
             raise BloodcellError("--resume needs --out RUN_DIR (the run to continue)")
         extend = given.pop("epochs", None)
-        _check_resume_options(Path(a.out), given)
+        _check_resume_options(Path(a.out), {**given, **_start_options(a)})
     cfg = preset_config(
         a.recipe, model=a.model, model_args=parse_model_args(a.model_arg), data=a.data, size=a.size,
         data_dir=a.data_dir, seed=a.seed, train_limit=a.train_limit, threads=a.threads, precision=a.precision,
-        device=a.device, sync_bn=a.sync_bn, **({} if a.resume else given))
+        device=a.device, sync_bn=a.sync_bn, pretrained=a.pretrained, init_from=a.init_from,
+        **({} if a.resume else given))
     data_tag = Path(a.data).stem if a.data.endswith(".npz") else a.data
     out = Path(a.out) if a.out else Path("runs") / f"{a.model}_{data_tag}{a.size}_seed{a.seed}"
     return _train_and_report(a, cfg, out, extend if a.resume else None)
@@ -78,7 +79,14 @@ def cmd_train(a: argparse.Namespace) -> int:
 # Options with their own defaults that --config's file may set; given on the command line, they win over it.
 CONFIG_OPTIONS = {"model": "--model", "data": "--data", "size": "--size", "data_dir": "--data-dir", "seed": "--seed",
                   "train_limit": "--train-limit", "threads": "--threads", "precision": "--precision",
-                  "device": "--device", "sync_bn": "--sync-bn"}
+                  "device": "--device", "sync_bn": "--sync-bn", "pretrained": "--pretrained",
+                  "init_from": "--init-from"}
+
+
+def _start_options(a: argparse.Namespace) -> dict:
+    """--pretrained / --init-from as given: with --resume they must match the run's (it does not start again)."""
+    return {**({"pretrained": True} if a.pretrained else {}),
+            **({"init_from": a.init_from} if a.init_from is not None else {})}
 
 
 def given_on_command_line(argv: list[str], option: str) -> bool:
@@ -164,6 +172,13 @@ def add_commands(sub) -> None:
     tr.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                     help="override an argument of the model's builder, e.g. dropout=0.3 (repeatable; which "
                          "arguments a model takes is in its module under bloodcell/models)")
+    tr.add_argument("--pretrained", action="store_true",
+                    help="start from the library's ImageNet weights (torchvision/timm models, see 'bloodcell "
+                         "models'; downloaded once into TORCH_HOME / HF_HOME, or put there by hand offline)")
+    tr.add_argument("--init-from", metavar="RUN|FILE", default=None,
+                    help="fine-tune: start from a run folder's best weights or a .safetensors (or .pt/.pth state "
+                         "dict) file; only tensors whose names and shapes match are loaded, the rest (e.g. the head "
+                         "for another class count) are reported in the log and metrics.json")
     add_data_args(tr)
     tr.add_argument("--recipe", choices=RECIPES, default="recommended",
                     help="base settings: 'recommended', or 'paper' (Adam, or SGD for Inception/ResNet, the "

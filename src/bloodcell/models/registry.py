@@ -22,6 +22,7 @@ class ModelSpec:
     kwargs: dict = field(default_factory=dict)
     optimizer: str = "adam"  # the paper's choice; SGD for Inception and ResNet
     input_sizes: tuple[int, ...] | None = None  # None: any size the architecture can reduce
+    pretrained: str | None = None  # where --pretrained weights come from (None: the model has no library weights)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -34,19 +35,21 @@ def register_model(
     description: str,
     optimizer: str = "adam",
     input_sizes: tuple[int, ...] | None = None,
+    pretrained: str | None = None,
     **kwargs,
 ) -> ModelSpec:
-    """Register ``builder(num_classes=, input_size=, **kwargs)`` under ``name``."""
+    """Register ``builder(num_classes=, input_size=, **kwargs)`` under ``name``; with ``pretrained`` (the weights'
+    source) the builder also takes ``pretrained=True``."""
     if name in _REGISTRY:
         raise ValueError(f"model '{name}' is already registered")
-    spec = ModelSpec(name, family, description, builder, kwargs, optimizer, input_sizes)
+    spec = ModelSpec(name, family, description, builder, kwargs, optimizer, input_sizes, pretrained)
     _REGISTRY[name] = spec
     return spec
 
 
 def _load_families() -> None:
     # Importing a family module registers its models.
-    from bloodcell.models import autoencoder, cnn, cnn_ablation, inception, resnet, vgg  # noqa: F401
+    from bloodcell.models import autoencoder, cnn, cnn_ablation, inception, modern, resnet, vgg  # noqa: F401
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -62,16 +65,28 @@ def list_models() -> list[ModelSpec]:
     return [_REGISTRY[n] for n in sorted(_REGISTRY)]
 
 
-def create_model(name: str, num_classes: int = 8, input_size: int = 64, **overrides) -> nn.Module:
-    """Build a registered model; overrides replace the registered keyword arguments."""
+def create_model(name: str, num_classes: int = 8, input_size: int = 64, *, pretrained: bool = False,
+                 **overrides) -> nn.Module:
+    """Build a registered model; overrides replace the registered keyword arguments. ``pretrained`` starts from
+    the library's weights (downloaded once), for the models that have them."""
     spec = get_spec(name)
     if spec.input_sizes is not None and input_size not in spec.input_sizes:
         sizes = ", ".join(map(str, spec.input_sizes))
         raise BloodcellError(f"model '{name}' is defined for input sizes {sizes}, not {input_size}")
+    check_pretrained(spec, pretrained)
+    extra = {"pretrained": True} if pretrained else {}
     try:
-        return spec.builder(num_classes=num_classes, input_size=input_size, **{**spec.kwargs, **overrides})
+        return spec.builder(num_classes=num_classes, input_size=input_size, **{**spec.kwargs, **overrides}, **extra)
     except (ValueError, RuntimeError, TypeError) as e:
         raise BloodcellError(f"cannot build model '{name}' at {input_size}x{input_size}: {e}") from None
+
+
+def check_pretrained(spec: ModelSpec, pretrained: bool) -> None:
+    """``--pretrained`` only for models with library weights; the others say which models have them."""
+    if pretrained and spec.pretrained is None:
+        having = ", ".join(s.name for s in list_models() if s.pretrained)
+        raise BloodcellError(f"model '{spec.name}' has no pretrained weights (it is trained from scratch); "
+                             f"--pretrained works for {having}")
 
 
 def count_params_keras(model: nn.Module) -> int:

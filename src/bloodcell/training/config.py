@@ -46,6 +46,8 @@ class TrainConfig:
     precision: str = "fp32"
     device: str = "auto"  # auto: cuda, then mps, then cpu
     sync_bn: bool = False  # multi-process runs: BatchNorm statistics over all ranks (SyncBatchNorm, CUDA only)
+    pretrained: bool = False  # start from the library's ImageNet weights (torchvision/timm models only)
+    init_from: str | None = None  # start from a run's best weights or a weights file (tensors that fit)
 
     def validate(self, where: str = "config") -> TrainConfig:
         """Check every field's type and range; the error names the field."""
@@ -72,6 +74,10 @@ class TrainConfig:
             raise BloodcellError(f"{where}: label_smoothing must be in [0, 1), not {self.label_smoothing}")
         if not self.model or not self.data:
             raise BloodcellError(f"{where}: model and data must be non-empty names")
+        if "pretrained" in self.model_args:  # saved with the weights, it would make every load download them again
+            raise BloodcellError(f"{where}: give --pretrained (the pretrained field), not --model-arg pretrained=...")
+        if self.init_from is not None and not self.init_from.strip():
+            raise BloodcellError(f"{where}: init_from must be a run folder or weights file, not an empty string")
         return self
 
     def to_dict(self) -> dict:
@@ -118,7 +124,8 @@ _TYPES = {"model": str, "model_args": dict, "data": str, "size": int, "data_dir"
           "epochs": int, "batch_size": int, "seed": int, "optimizer": (str, type(None)), "lr": _NUMBER,
           "momentum": _NUMBER, "weight_decay": _NUMBER, "schedule": str, "normalize": bool, "augment": str,
           "label_smoothing": _NUMBER, "balance": str, "train_limit": (int, type(None)),
-          "threads": (int, type(None)), "precision": str, "device": str, "sync_bn": bool}
+          "threads": (int, type(None)), "precision": str, "device": str, "sync_bn": bool,
+          "pretrained": bool, "init_from": (str, type(None))}
 
 
 def _check_type(cfg: TrainConfig, where: str) -> None:

@@ -53,6 +53,7 @@ from bloodcell.models import count_params_keras, count_params_trainable, create_
 from bloodcell.training.checkpoint import load_state_file, restore_training_state, rng_state, save_state
 from bloodcell.training.config import TrainConfig
 from bloodcell.training.distributed import Dist
+from bloodcell.training.init_from import describe, init_from
 from bloodcell.training.lock import run_lock
 from bloodcell.training.prefetch import batch_reader
 from bloodcell.training.schedules import lr_factor
@@ -94,6 +95,7 @@ class TrainState:
     partial: dict | None = None  # where a stopped epoch ``next_epoch`` left off
     net: nn.Module | None = None  # what the batches go through: the model, or its DistributedDataParallel wrapper
     dist: Dist = field(default_factory=Dist)
+    init_from: dict | None = None  # what --init-from loaded; kept in state.pt so a resumed run still reports it
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -141,10 +143,19 @@ def prepare_training_data(cfg: TrainConfig, data: PreparedData, device: torch.de
         loss_weight=loss_weight, normalization=normalization)
 
 
-def build_model_and_optimizer(cfg: TrainConfig, num_classes: int, size: int,
-                              device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The registry model on ``device`` (channels-last) and its optimizer; seeded by the caller."""
-    model = create_model(cfg.model, num_classes=num_classes, input_size=size, **cfg.model_args)
+def build_model_and_optimizer(cfg: TrainConfig, num_classes: int, size: int, device: torch.device, *,
+                              fresh: bool = True, on_init: Callable[[dict], None] | None = None,
+                              ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The registry model on ``device`` (channels-last) and its optimizer; seeded by the caller.
+
+    A ``fresh`` run starts from ``--pretrained`` / ``--init-from`` weights (``on_init`` gets the init-from report);
+    a resumed one does not (its checkpoint replaces every weight, and the source may be gone by then)."""
+    model = create_model(cfg.model, num_classes=num_classes, input_size=size, pretrained=cfg.pretrained and fresh,
+                         **cfg.model_args)
+    if fresh and cfg.init_from:
+        report = init_from(model, cfg.init_from)
+        if on_init is not None:
+            on_init(report)
     model = model.to(device, memory_format=torch.channels_last)
     return model, make_optimizer(cfg, model)
 
@@ -272,7 +283,7 @@ def save_checkpoint(path: Path, state: TrainState, finished_epoch: int, inside: 
         "optimizer": state.optimizer.state_dict(), "generator": state.generator.get_state(),
         "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
         **ranks[0], **({"rank_rng": ranks} if state.dist.active else {}),
-        "history": state.history, "best": state.best, "epoch": finished_epoch,
+        "history": state.history, "best": state.best, "epoch": finished_epoch, "init_from": state.init_from,
         **({"partial": inside} if inside else {}),
     })
 
@@ -291,6 +302,7 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
                                state.generator, state.scaler)
     state.history, state.best = [dict(h) for h in st["history"]], dict(st["best"])
     state.next_epoch, state.partial = st["epoch"] + 1, partial
+    state.init_from = st.get("init_from")  # states saved before --init-from existed have none
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool | None = None,
@@ -358,9 +370,14 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: bool | None, data:
     if data is None:
         data = load_dataset(cfg.data, cfg.size, cfg.data_dir)
     td = prepare_training_data(cfg, data, device)
-    model, optimizer = build_model_and_optimizer(cfg, data.num_classes, data.size, device)
+    inits: list[dict] = []
+    model, optimizer = build_model_and_optimizer(cfg, data.num_classes, data.size, device,
+                                                 fresh=not (resume and state_path.is_file()), on_init=inits.append)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    state = TrainState(model, optimizer, scaler, torch.Generator().manual_seed(cfg.seed), dist=d)
+    state = TrainState(model, optimizer, scaler, torch.Generator().manual_seed(cfg.seed), dist=d,
+                       init_from=inits[0] if inits else None)
+    if state.init_from:
+        log(describe(state.init_from))
     if d.active:
         if getattr(model, "needs_pretraining", False):
             raise BloodcellError(f"model '{cfg.model}' has a pre-training stage, which runs in one process only; "
@@ -448,6 +465,7 @@ def _write_summary(cfg: TrainConfig, out: Path, state: TrainState, td: TrainingD
         "train_images": len(td.y_train),
         "train_class_counts": torch.bincount(td.y_train.cpu(), minlength=len(td.class_names)).tolist(),
         "class_names": td.class_names,  # predict cross-checks a weights file's classes against these
+        "init_from": state.init_from,  # what --init-from loaded and which tensors kept their initialisation
     }
     metrics_path = out / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
