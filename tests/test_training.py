@@ -349,3 +349,33 @@ def test_recipe_presets(prepared, tmp_path):
                  "--batch-size", "32", "--threads", "1", "--augment", "flip", "--out", str(run)]) == 0
     saved = TrainConfig.load(run / "config.json")
     assert saved.schedule == RECIPE_SETTINGS["paper"]["schedule"] and saved.augment == "flip"  # option wins
+
+
+def test_bn_momentum_recommended_paper_model_arg_and_old_runs(prepared, tmp_path):
+    """The recommended recipe trains every BatchNorm with PyTorch's momentum 0.1 (statistics right from the first
+    epoch); the paper preset keeps the model's Keras 0.01; a model argument wins; an old run's config.json without
+    the field loads as the model's own, which is what it trained with."""
+    from bloodcell.models import create_model
+    from bloodcell.training import preset_config
+    from bloodcell.training.loop import build_model_and_optimizer
+
+    def momenta(cfg):
+        model, _ = build_model_and_optimizer(cfg, 8, 28, torch.device("cpu"))
+        return {m.momentum for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+    assert momenta(TrainConfig(**FAST)) == {0.1}
+    assert momenta(preset_config("paper", **FAST)) == {0.01}
+    assert momenta(TrainConfig(**FAST, model_args={"bn_momentum": 0.3})) == {0.3}
+    assert momenta(TrainConfig(**{**FAST, "model": "mobilenetv3-small"}, bn_momentum=0.05)) == {0.05}
+    assert {m.momentum for m in create_model("se-cnn", input_size=28).modules()
+            if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}  # the model itself is unchanged
+    old = TrainConfig(**FAST).to_dict()
+    del old["bn_momentum"]
+    assert TrainConfig.from_dict(old).bn_momentum is None
+    with pytest.raises(BloodcellError, match="bn_momentum must be in"):
+        TrainConfig(**FAST, bn_momentum=0.0).validate()
+    run = tmp_path / "r"
+    from bloodcell.cli import main
+    assert main(["train", "--data", "bloodmnist", "--size", "28", "--epochs", "1", "--batch-size", "32",
+                 "--threads", "1", "--bn-momentum", "0.2", "--out", str(run)]) == 0
+    assert TrainConfig.load(run / "config.json").bn_momentum == 0.2

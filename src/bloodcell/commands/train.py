@@ -17,12 +17,13 @@ from bloodcell.commands.common import (
     parse_model_args,
     positive_float,
     positive_int,
+    unit_interval,
 )
 from bloodcell.errors import BloodcellError
 
 # Options whose default comes from --recipe (None on the command line = "the recipe's value").
 RECIPE_OPTIONS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "augment",
-                  "label_smoothing", "balance")
+                  "label_smoothing", "balance", "bn_momentum")
 
 
 def launch_processes(a: argparse.Namespace) -> int:
@@ -211,6 +212,10 @@ def add_commands(sub) -> None:
                     help="standardise by the training set's channel mean/std (default: only divide by 255)")
     tr.add_argument("--label-smoothing", type=non_negative_float, default=None,
                     help=f"label smoothing, below 1 ({_recipe_default('label_smoothing')})")
+    tr.add_argument("--bn-momentum", type=unit_interval, default=None,
+                    help="every BatchNorm's running-statistics momentum, PyTorch's convention (recommended: 0.1, "
+                         "right from the first epoch; paper: the model's own, Keras' 0.01, whose first epochs "
+                         "validate near chance); a model argument of the same name takes precedence")
     tr.add_argument("--train-limit", type=positive_int, default=None,
                     help="train on a stratified subset of this many images (for quick checks)")
     add_threads_arg(tr)

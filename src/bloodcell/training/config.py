@@ -37,6 +37,9 @@ class TrainConfig:
     normalize: bool = _R["normalize"]  # subtract the training set's channel mean, divide by its std
     augment: str = _R["augment"]
     label_smoothing: float = _R["label_smoothing"]
+    # every BatchNorm's momentum; None: the model's own (Keras 0.01 for the paper's models). A model built with
+    # --model-arg bn_momentum=X keeps X: the model's own argument is the more specific one.
+    bn_momentum: float | None = _R["bn_momentum"]
     balance: str = _R["balance"]  # oversample the training split ("augment", "smote") or weigh the loss
     train_limit: int | None = None  # use only N training images (stratified), for smoke tests
     threads: int | None = None
@@ -70,6 +73,8 @@ class TrainConfig:
         for name in ("momentum", "weight_decay"):
             if getattr(self, name) < 0:
                 raise BloodcellError(f"{where}: {name} must not be negative, not {getattr(self, name)}")
+        if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
+            raise BloodcellError(f"{where}: bn_momentum must be in (0, 1], not {self.bn_momentum}")
         if not 0 <= self.label_smoothing < 1:
             raise BloodcellError(f"{where}: label_smoothing must be in [0, 1), not {self.label_smoothing}")
         if not self.model or not self.data:
@@ -94,6 +99,7 @@ class TrainConfig:
         if unknown:
             raise BloodcellError(f"{where}: unknown config field(s) {', '.join(unknown)}")
         missing = [k for k in SAVED_ALWAYS if k not in d]
+        d = {**FIELDS_ADDED_LATER, **d}  # a run saved before a field existed trained with its old behaviour
         if missing:
             raise BloodcellError(f"{where}: config lacks field(s) {', '.join(missing)}")
         return cls(**d).validate(where)
@@ -109,6 +115,9 @@ class TrainConfig:
 # Fields that every saved run has had since the first version: a config.json without one was edited or cut.
 SAVED_ALWAYS = ("model", "data", "size", "epochs", "batch_size", "seed", "lr", "schedule", "augment")
 
+# Fields added after runs had been saved, with the value that reproduces those runs (not today's default).
+FIELDS_ADDED_LATER = {"bn_momentum": None}
+
 PRESETS = RECIPE_SETTINGS
 
 
@@ -123,7 +132,8 @@ _NUMBER = (int, float)
 _TYPES = {"model": str, "model_args": dict, "data": str, "size": int, "data_dir": (str, type(None)),
           "epochs": int, "batch_size": int, "seed": int, "optimizer": (str, type(None)), "lr": _NUMBER,
           "momentum": _NUMBER, "weight_decay": _NUMBER, "schedule": str, "normalize": bool, "augment": str,
-          "label_smoothing": _NUMBER, "balance": str, "train_limit": (int, type(None)),
+          "label_smoothing": _NUMBER, "bn_momentum": (int, float, type(None)), "balance": str,
+          "train_limit": (int, type(None)),
           "threads": (int, type(None)), "precision": str, "device": str, "sync_bn": bool,
           "pretrained": bool, "init_from": (str, type(None))}
 

@@ -143,6 +143,13 @@ def prepare_training_data(cfg: TrainConfig, data: PreparedData, device: torch.de
         loss_weight=loss_weight, normalization=normalization)
 
 
+def set_bn_momentum(model: nn.Module, momentum: float) -> None:
+    """Every BatchNorm's running-statistics momentum (PyTorch's convention: the weight of each new batch)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+
+
 def build_model_and_optimizer(cfg: TrainConfig, num_classes: int, size: int, device: torch.device, *,
                               fresh: bool = True, on_init: Callable[[dict], None] | None = None,
                               ) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -152,6 +159,8 @@ def build_model_and_optimizer(cfg: TrainConfig, num_classes: int, size: int, dev
     a resumed one does not (its checkpoint replaces every weight, and the source may be gone by then)."""
     model = create_model(cfg.model, num_classes=num_classes, input_size=size, pretrained=cfg.pretrained and fresh,
                          **cfg.model_args)
+    if cfg.bn_momentum is not None and "bn_momentum" not in cfg.model_args:
+        set_bn_momentum(model, cfg.bn_momentum)
     if fresh and cfg.init_from:
         report = init_from(model, cfg.init_from)
         if on_init is not None:
