@@ -314,3 +314,32 @@ def test_paper_suites_script_runs_seeds_one_at_a_time_and_syncs_after_each(tmp_p
         f"bloodcell benchmark paper-table3 {d} --models inception --epochs 10", sync,
         f"bloodcell benchmark paper-table3 {d} --models inception-sound --epochs 10 --precision bf16", sync,
     ]
+
+
+def test_frontier_suite_trains_the_recommended_recipe_per_size_and_writes_the_frontier(tiny, tmp_path):
+    from bloodcell.evaluation.frontier import on_frontier
+
+    out = tmp_path / "bench"
+    frontier = suites.get_suite("frontier")
+    cfg = benchmark.entry_config(frontier.entries[0].config, seed=0, data="tiny", size=28, recipe=frontier.recipe)
+    assert (cfg.augment, cfg.schedule, cfg.bn_momentum, frontier.entries[0].checkpoint) == ("dihedral", "cosine",
+                                                                                           0.1, "best")
+    r = benchmark.run_suite("frontier", seeds=[0, 1], out=out, models=["se-cnn", "mobilenetv3-small"],
+                            data="tiny", size=28, epochs=1, threads=1, **QUIET)
+    root = out / "frontier-28"  # each size in its own folder
+    assert {Path(f).name for f in r["files"]} >= {"FRONTIER.md", "frontier.json", "frontier.png"}
+    data = json.loads((root / "frontier.json").read_text())
+    assert data["size"] == 28 and [p["model"] for p in data["points"]] == ["se-cnn", "mobilenetv3-small"]
+    for p in data["points"]:
+        assert p["seeds"] == [0, 1] and p["params"] > 0 and p["mflops"] > 0 and p["train_cpu_min"] >= 0
+        runs = [json.loads((root / p["model"] / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+        assert p["accuracy"] == pytest.approx(np.mean([m["test"]["accuracy"] for m in runs]))
+    assert data["paper"] == []  # the paper's accuracies are at 64 px only
+    from bloodcell.evaluation.frontier import paper_points
+    assert {p["label"] for p in paper_points(64)} >= {"paper se-cnn", "paper vgg"}
+    assert data["published_best"][0] == paper.PUBLISHED_BEST[28][0]
+    assert "## Frontier at 28x28" in (root / "FRONTIER.md").read_text()
+    # a point is dominated when another is as accurate for less cost, and the frontier keeps the rest
+    pts = [{"accuracy": 0.99, "params": 10}, {"accuracy": 0.98, "params": 20}, {"accuracy": 0.995, "params": 30},
+           {"accuracy": 0.9, "params": None}]
+    assert [on_frontier(p, pts, "params") for p in pts] == [True, False, True, None]

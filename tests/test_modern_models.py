@@ -108,7 +108,7 @@ def test_models_lists_the_new_families_with_counts_and_flops():
 
 def test_flop_counter_counts_cpu_attention():
     """torch's counter leaves the CPU's fused attention kernel out; ``bloodcell models`` counts it."""
-    from bloodcell.commands.models import flop_counter
+    from bloodcell.models.flops import flop_counter
 
     q = torch.rand(1, 3, 64, 32)
     counter = flop_counter()

@@ -58,3 +58,15 @@ def paper_numbers(model: str) -> dict:
     if model.startswith("cnn-t2-"):
         return table2_result(int(model.rsplit("-", 1)[1]))
     return {}
+
+
+# The best published BloodMNIST test accuracies by image size (mean, std over seeds or None, what it is), from
+# paper-facts.md: MedMNIST v2 at 28 px (Google AutoML Vision), MedMNIST+ (Doerrich et al. 2024, ImageNet-pretrained,
+# mean of 3 seeds) at 64, 128 and 224 px.
+PUBLISHED_BEST: dict[int, tuple[float, float | None, str]] = {
+    28: (0.966, None, "MedMNIST v2 best at 28 px (Google AutoML Vision)"),
+    64: (0.9820, 0.0016, "MedMNIST+ best at 64 px (pretrained VGG16)"),
+    128: (0.9890, None, "MedMNIST+ best at 128 px (pretrained DenseNet-121)"),
+    224: (0.9902, 0.0014, "MedMNIST+ best at 224 px (pretrained DenseNet-121)"),
+}
+PAPER_SIZE = 64  # the paper's Table 3 was measured at 64x64

@@ -24,7 +24,7 @@ def cmd_benchmark_suite(a: argparse.Namespace) -> int:
     from bloodcell.evaluation.benchmark import run_suite, suite_report
 
     if a.report_only:
-        r = suite_report(a.suite, a.out)
+        r = suite_report(a.suite, a.out, size=a.size)
     else:
         if not a.seeds:
             raise BloodcellError("--seeds needs at least one seed")

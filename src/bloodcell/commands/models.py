@@ -8,36 +8,19 @@ import json
 from bloodcell.commands.common import text_table
 
 
-def flop_counter():
-    """torch's FLOP counter, also counting the CPU's fused attention kernel (which torch leaves out): without it
-    a ViT's attention products would count 0."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return FlopCounterMode(display=False, custom_mapping={op: cpu_sdpa} if op is not None else None)
-
-
 def measure(spec) -> dict:
     """Parameter counts and forward MFLOPs at 64 px; counts are None when the model cannot be built here (e.g.
     an optional library is missing), so the listing still shows every model."""
-    import torch
-
     from bloodcell.errors import BloodcellError
     from bloodcell.models import count_params_keras, count_params_trainable, create_model
+    from bloodcell.models.flops import forward_mflops
 
     try:
         m = create_model(spec.name, input_size=64).eval()
     except BloodcellError as e:
         return {"params_keras": None, "params_trainable": None, "mflops_64": None, "unavailable": str(e)}
-    counter = flop_counter()
-    with counter, torch.no_grad():
-        m(torch.zeros(1, 3, 64, 64))
     return {"params_keras": count_params_keras(m), "params_trainable": count_params_trainable(m),
-            "mflops_64": round(counter.get_total_flops() / 1e6, 1)}  # FLOPs = 2 x multiply-adds
+            "mflops_64": forward_mflops(m, 64)}  # FLOPs = 2 x multiply-adds
 
 
 def cmd_models(a: argparse.Namespace) -> int:

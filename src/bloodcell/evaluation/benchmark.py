@@ -31,11 +31,11 @@ FLAG_POINTS = 1.5  # differences from the paper larger than this many points are
 # ---------------------------------------------------------------- running a suite
 def entry_config(config: dict, *, seed: int, data: str, size: int, data_dir: str | None = None,
                  epochs: int | None = None, threads: int | None = None, precision: str = "fp32",
-                 device: str = "auto") -> TrainConfig:
-    """An entry's settings (the paper preset plus the entry's own) for one seed and dataset."""
+                 device: str = "auto", recipe: str = "paper") -> TrainConfig:
+    """An entry's settings (the suite's preset plus the entry's own) for one seed and dataset."""
     from bloodcell.training.config import PRESETS
 
-    d = dict(PRESETS["paper"], **config, seed=seed, data=data, size=size, data_dir=data_dir, threads=threads,
+    d = dict(PRESETS[recipe], **config, seed=seed, data=data, size=size, data_dir=data_dir, threads=threads,
              precision=precision, device=device)
     if epochs:
         d["epochs"] = epochs
@@ -74,13 +74,13 @@ def run_suite(suite_name: str, *, seeds: list[int], out: str | Path, data: str =
     from bloodcell.training.loop import train
 
     suite = get_suite(suite_name)
-    root = Path(out) / suite.name
+    root = Path(out) / suite.folder(size)
     jobs = []
     for entry in suite.select(models):
         for seed in seeds:
             run = root / entry.name / f"seed{seed}"
             cfg = entry_config(entry.config, seed=seed, data=data, size=size, data_dir=data_dir, epochs=epochs,
-                               threads=threads, precision=precision, device=device)
+                               threads=threads, precision=precision, device=device, recipe=suite.recipe)
             jobs.append((entry, run, cfg, run_state(run, cfg, entry.checkpoint)))
     for _, run, cfg, state in jobs:
         log(f"{state:<9}{run}  ({cfg.model}, {cfg.epochs} epochs, {cfg.schedule} schedule, balance {cfg.balance})")
@@ -103,7 +103,7 @@ def run_suite(suite_name: str, *, seeds: list[int], out: str | Path, data: str =
         m = evaluate_run(run, "test", entry.checkpoint, speed=speed, device=device)
         log(f"[{k}/{len(jobs)}] {run}: test accuracy {m['accuracy']:.4f}, weighted F1 {m['f1_weighted']:.4f} "
             f"({time.perf_counter() - t0:.0f}s)")
-    return suite_report(suite_name, out)
+    return suite_report(suite_name, out, size=size)
 
 
 def finished_twin(out: Path, run: Path, cfg: TrainConfig, checkpoint: str) -> Path | None:
@@ -128,6 +128,7 @@ def run_row(run: Path) -> dict:
            "infer_images_per_s": (test.get("speed") or test.get("cpu") or {}).get("throughput_images_per_s")}
     row.update({k: test.get(k) for k in METRICS if k in test})
     row.update({k: tr.get(k) for k in ("first_epoch_seconds", "mean_epoch_seconds", "total_seconds")})
+    row["threads"] = tr.get("threads")  # training CPU time = wall time x threads
     row["machine"] = tr.get("machine")  # None for runs trained before runs recorded it
     row["settings"] = settings_text(cfg, test.get("checkpoint"))
     row["history"] = read_history(run / "history.csv")
@@ -323,12 +324,13 @@ def write_report(groups: list[dict], out: str | Path, title: str, description: s
             "files": [str(out / n) for n in ("RESULTS.md", "results.csv", "runs.csv", *names)]}
 
 
-def suite_report(suite_name: str, out: str | Path) -> dict:
-    """The report of every finished run of a suite under ``out``, in the suite's order."""
+def suite_report(suite_name: str, out: str | Path, size: int = 64) -> dict:
+    """The report of every finished run of a suite under ``out``, in the suite's order (a per-size suite's runs
+    at ``size``)."""
     from bloodcell.evaluation.suites import get_suite
 
     suite = get_suite(suite_name)
-    root = Path(out) / suite.name
+    root = Path(out) / suite.folder(size)
     rows, labels, entries = [], [], {}
     settings: dict[tuple, set] = {}  # (entry, data, size, epochs if not the suite's, precision) -> seeds
     for entry in suite.entries:
@@ -357,7 +359,12 @@ def suite_report(suite_name: str, out: str | Path) -> dict:
         + (f" --epochs {epochs}" if epochs else "") + (f" --precision {precision}" if precision != "fp32" else "")
         + f" --out {out}"
         for (data, size, seeds, epochs, precision), names in by_setting.items())
-    return write_report(groups, root, suite.title, suite.description, suite.paper_source, reproduce, pending)
+    report = write_report(groups, root, suite.title, suite.description, suite.paper_source, reproduce, pending)
+    if suite.name == "frontier":
+        from bloodcell.evaluation.frontier import write_frontier
+
+        report["files"] += write_frontier(groups, root, size=size)
+    return report
 
 
 def compare(dirs: list[str | Path], out: str | Path, checkpoint: str = "best", device: str = "auto",

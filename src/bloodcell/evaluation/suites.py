@@ -42,6 +42,11 @@ class Suite:
     description: str
     entries: tuple[Entry, ...]
     paper_source: str
+    recipe: str = "paper"  # the preset under every entry (training.config.PRESETS)
+    per_size: bool = False  # runs at each --size go to their own folder, SUITE-SIZE (the frontier's 28/64/128)
+
+    def folder(self, size: int) -> str:
+        return f"{self.name}-{size}" if self.per_size else self.name
 
     def select(self, names: list[str] | None) -> list[Entry]:
         """The entries named (all when ``names`` is empty); unknown names are an error listing the known ones."""
@@ -102,7 +107,26 @@ def _oversampling() -> Suite:
                  entries, "Section IV, Fig. 3 and 4 (weighted F1)")
 
 
-SUITES: dict[str, Suite] = {s.name: s for s in (_table2(), _table3(), _oversampling())}
+# Past the paper (issue 32): the efficient families, trained from scratch with the recommended recipe and tested
+# on the best validation checkpoint, against parameters, FLOPs, inference time and training CPU time.
+FRONTIER_MODELS = ("se-cnn", "mobilenetv3-small", "mobilenetv3-large", "efficientnet-b0", "regnety-400mf",
+                   "resnet18", "convnext-atto", "vit-tiny")
+
+
+def _frontier() -> Suite:
+    from bloodcell.choices import RECIPE_SETTINGS
+
+    epochs = RECIPE_SETTINGS["recommended"]["epochs"]
+    entries = tuple(Entry(m, dict(model=m, epochs=epochs), checkpoint="best") for m in FRONTIER_MODELS)
+    return Suite("frontier", "The accuracy / efficiency frontier",
+                 "Efficient families trained from scratch with the recommended recipe (train's defaults), best "
+                 "validation checkpoint tested, at each --size in its own folder; with the paper's models and "
+                 "the published MedMNIST+ results on the same axes.",
+                 entries, "Table 3 (single run, the paper's settings); MedMNIST+ best published results",
+                 recipe="recommended", per_size=True)
+
+
+SUITES: dict[str, Suite] = {s.name: s for s in (_table2(), _table3(), _oversampling(), _frontier())}
 
 
 def get_suite(name: str) -> Suite:
