@@ -54,10 +54,12 @@ def test_images(root: Path, n: int) -> list[tuple[str, bytes]]:
     return [(Path(r["path"]).name, (root / r["path"]).read_bytes()) for r in rows[::step][:n]]
 
 
-def start_server(target: Path, port: int, threads: int | None, max_batch: int) -> subprocess.Popen:
+def start_server(target: Path, port: int, threads: int | None, max_batch: int,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bloodcell", "serve", str(target), "--port", str(port), "--log-level", "warning",
            "--max-batch", str(max_batch), "--device", "cpu", *(["--threads", str(threads)] if threads else [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -131,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per mode at most")
     ap.add_argument("--threads", type=int, default=None, help="server's PyTorch threads (default: all cores)")
     ap.add_argument("--max-batch", type=int, default=64, help="server's --max-batch")
+    ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an environment variable for the server, e.g. BLOODCELL_MALLOC_TUNING=0 to measure it "
+                         "with glibc's malloc untuned (repeatable)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve")
     a = ap.parse_args(argv)
     images = test_images(a.images, a.distinct)
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     load_before = machine_load()
-    proc = start_server(a.target, port, a.threads, a.max_batch)
+    env = dict(kv.split("=", 1) for kv in a.server_env)
+    proc = start_server(a.target, port, a.threads, a.max_batch, env)
     try:
         cold = rss_mb(proc.pid)
         for per in (1, a.batch):
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_1min_before": load_before,
                           "load_1min_after": machine_load()},
               "target": str(a.target), "clients": a.clients, "distinct_images": len(images),
-              "server_threads": a.threads, "max_batch": a.max_batch,
+              "server_threads": a.threads, "max_batch": a.max_batch, "server_env": env,
               "rss_cold_mb": round(cold, 1), "rss_final_mb": round(final, 1), "modes": modes}
     a.out.mkdir(parents=True, exist_ok=True)
     write_json(a.out / "serve_load.json", result)
@@ -180,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
           f"`{result['command']}` on {result['machine']['cpu']} ({result['machine']['cores']} cores), "
           f"{result['date_utc']}; 1-minute load average {load_before} before, {result['machine']['load_1min_after']} "
           f"after. {a.clients} concurrent clients (httpx, same machine) sending real PBC test JPEGs "
-          f"({len(images)} distinct) to `{a.target}` served on localhost.", "",
+          f"({len(images)} distinct) to `{a.target}` served on localhost"
+          + (f", server environment {env}" if env else "") + ".", "",
           markdown_table(header, rows), "",
           f"Server memory (VmRSS): {result['rss_cold_mb']} MB after start, {result['rss_final_mb']} MB at the end. "
           "'images/forward pass' is how many images the batching queue merged into one pass on average.", ""]

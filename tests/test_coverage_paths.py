@@ -396,3 +396,33 @@ def test_seed_script_and_benchmark_report_agree_on_the_spread():
     assert s["test_accuracy_std"] == round(agg["accuracy"][1], 4) == round(float(np.std([0.9883, 0.9857, 0.9868],
                                                                                         ddof=1)), 4)
     assert s["test_f1_weighted_std"] == round(agg["f1_weighted"][1], 4)
+
+
+# ---------------------------------------------------------------- serve: glibc malloc settings
+def test_serve_tunes_malloc_unless_the_user_set_it(monkeypatch):
+    """Arena cap and a fixed mmap threshold by default; a user's MALLOC_* variable or BLOODCELL_MALLOC_TUNING=0
+    leaves that setting alone."""
+    import ctypes
+
+    from bloodcell.commands import serve
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(serve.sys, "platform", "linux")
+    for var in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", serve.MALLOC_TUNING_ENV):
+        monkeypatch.delenv(var, raising=False)
+    serve.tune_malloc()
+    assert calls == [(-8, 2), (-3, 256 * 1024)]
+    calls.clear()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    serve.tune_malloc()
+    assert calls == [(-8, 2)]
+    calls.clear()
+    monkeypatch.setenv(serve.MALLOC_TUNING_ENV, "0")
+    serve.tune_malloc()
+    assert calls == []

@@ -12,21 +12,31 @@ from bloodcell.errors import BloodcellError
 TOKEN_ENV = "BLOODCELL_TOKEN"
 
 
-def limit_malloc_arenas(n: int = 2) -> None:
-    """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX does) unless the user set it: each of the request threads
-    would otherwise grow an arena of its own, and the server's memory with them (benchmarks/serve_load.py)."""
-    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+MALLOC_TUNING_ENV = "BLOODCELL_MALLOC_TUNING"  # "0": leave glibc's malloc as it is (to measure the difference)
+
+
+def tune_malloc(arenas: int = 2, mmap_threshold: int = 256 * 1024) -> None:
+    """Keep a long-running server's memory flat (benchmarks/serve_load.py measures it) by two glibc settings,
+    each unless the user set its MALLOC_* variable: at most ``arenas`` malloc arenas (each request thread would
+    otherwise grow one of its own), and a fixed mmap threshold, so every buffer above it (decoded images, batch
+    tensors) is mapped for its own and returned to the system when freed; glibc's default raises the threshold
+    as large buffers are freed, after which they stay in the heap as fragments the process keeps."""
+    if not sys.platform.startswith("linux") or os.environ.get(MALLOC_TUNING_ENV) == "0":
         return
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        pass  # not glibc (e.g. musl): nothing to cap
+        return  # not glibc (e.g. musl): nothing to tune
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(-8, arenas)  # M_ARENA_MAX
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    limit_malloc_arenas()
+    tune_malloc()
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401
