@@ -352,9 +352,9 @@ def test_recipe_presets(prepared, tmp_path):
 
 
 def test_bn_momentum_recommended_paper_model_arg_and_old_runs(prepared, tmp_path):
-    """The recommended recipe trains every BatchNorm with PyTorch's momentum 0.1 (statistics right from the first
-    epoch); the paper preset keeps the model's Keras 0.01; a model argument wins; an old run's config.json without
-    the field loads as the model's own, which is what it trained with."""
+    """--bn-momentum sets every BatchNorm's momentum (any model); by default, and in the paper preset, the model
+    keeps its own (Keras 0.01); a model argument wins; an old run's config.json without the field loads as the
+    model's own, which is what it trained with."""
     from bloodcell.models import create_model
     from bloodcell.training import preset_config
     from bloodcell.training.loop import build_model_and_optimizer
@@ -363,8 +363,9 @@ def test_bn_momentum_recommended_paper_model_arg_and_old_runs(prepared, tmp_path
         model, _ = build_model_and_optimizer(cfg, 8, 28, torch.device("cpu"))
         return {m.momentum for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
 
-    assert momenta(TrainConfig(**FAST)) == {0.1}
-    assert momenta(preset_config("paper", **FAST)) == {0.01}
+    assert momenta(TrainConfig(**FAST)) == {0.01}
+    assert momenta(TrainConfig(**FAST, bn_momentum=0.1)) == {0.1}
+    assert momenta(preset_config("paper", **FAST, bn_momentum=0.1)) == {0.1}
     assert momenta(TrainConfig(**FAST, model_args={"bn_momentum": 0.3})) == {0.3}
     assert momenta(TrainConfig(**{**FAST, "model": "mobilenetv3-small"}, bn_momentum=0.05)) == {0.05}
     assert {m.momentum for m in create_model("se-cnn", input_size=28).modules()
@@ -379,3 +380,39 @@ def test_bn_momentum_recommended_paper_model_arg_and_old_runs(prepared, tmp_path
     assert main(["train", "--data", "bloodmnist", "--size", "28", "--epochs", "1", "--batch-size", "32",
                  "--threads", "1", "--bn-momentum", "0.2", "--out", str(run)]) == 0
     assert TrainConfig.load(run / "config.json").bn_momentum == 0.2
+
+
+def test_bn_recalibration_gives_the_sample_statistics_and_leaves_the_rest_alone():
+    from bloodcell.data.tensors import Normalizer
+    from bloodcell.training.bn_recalibrate import recalibrate_bn, recalibration_sample
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.01), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.5), torch.nn.Flatten())
+    images = torch.randint(0, 256, (300, 3, 8, 8), dtype=torch.uint8)
+    norm = Normalizer()
+    model.train()
+    recalibrate_bn(model, images, norm, batch_size=100)  # three equal batches: the mean of their statistics
+    bn = model[1]
+    with torch.no_grad():
+        acts = model[0](norm(images))
+    means = torch.stack([acts[i:i + 100].mean((0, 2, 3)) for i in (0, 100, 200)]).mean(0)
+    var = torch.stack([acts[i:i + 100].transpose(0, 1).flatten(1).var(1) for i in (0, 100, 200)]).mean(0)
+    assert torch.allclose(bn.running_mean, means, atol=1e-5) and torch.allclose(bn.running_var, var, rtol=1e-4)
+    assert bn.momentum == 0.01 and model.training and model[3].training  # modes and momentum restored
+    x = torch.arange(1000).reshape(1000, 1).expand(1000, 2).contiguous()
+    a, b = recalibration_sample(x, 64, seed=3), recalibration_sample(x, 64, seed=3)
+    assert torch.equal(a, b) and len(a.unique()) == 64 and len(recalibration_sample(x, 5000, seed=3)) == 1000
+
+
+def test_recommended_recipe_recalibrates_so_the_first_validation_is_sound(prepared, tmp_path):
+    """With recalibration the first epoch's validation uses the trained weights' statistics; without it, the
+    Keras momentum leaves them near the initial ones, and the two first-epoch validations differ."""
+    on = train(TrainConfig(**FAST, epochs=1), tmp_path / "on", progress=False)
+    off = train(TrainConfig(**FAST, epochs=1, bn_recalibrate=0), tmp_path / "off", progress=False)
+    h_on, h_off = history(tmp_path / "on")[0], history(tmp_path / "off")[0]
+    assert h_on["train_loss"] == h_off["train_loss"]  # training itself is the same
+    assert h_on["val_loss"] != h_off["val_loss"]
+    assert on is not None and off is not None
+    bn = load_file(tmp_path / "on" / "best.safetensors")
+    assert any(k.endswith("num_batches_tracked") for k in bn)

@@ -14,6 +14,7 @@ from bloodcell.commands.common import (
     add_precision_arg,
     add_threads_arg,
     non_negative_float,
+    non_negative_int,
     parse_model_args,
     positive_float,
     positive_int,
@@ -23,7 +24,7 @@ from bloodcell.errors import BloodcellError
 
 # Options whose default comes from --recipe (None on the command line = "the recipe's value").
 RECIPE_OPTIONS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "augment",
-                  "label_smoothing", "balance", "bn_momentum")
+                  "label_smoothing", "balance", "bn_momentum", "bn_recalibrate")
 
 
 def launch_processes(a: argparse.Namespace) -> int:
@@ -213,9 +214,13 @@ def add_commands(sub) -> None:
     tr.add_argument("--label-smoothing", type=non_negative_float, default=None,
                     help=f"label smoothing, below 1 ({_recipe_default('label_smoothing')})")
     tr.add_argument("--bn-momentum", type=unit_interval, default=None,
-                    help="every BatchNorm's running-statistics momentum, PyTorch's convention (recommended: 0.1, "
-                         "right from the first epoch; paper: the model's own, Keras' 0.01, whose first epochs "
-                         "validate near chance); a model argument of the same name takes precedence")
+                    help="every BatchNorm's running-statistics momentum, PyTorch's convention (default: the "
+                         "model's own, Keras' 0.01 for the paper's models); a model argument of the same name takes "
+                         "precedence")
+    tr.add_argument("--bn-recalibrate", type=non_negative_int, default=None, metavar="N",
+                    help="before each validation, recompute every BatchNorm's statistics on N training images, so "
+                         "validation and the saved weights use the statistics of the current weights, right from "
+                         f"the first epoch; 0 = off, the lagging running average ({_recipe_default('bn_recalibrate')})")
     tr.add_argument("--train-limit", type=positive_int, default=None,
                     help="train on a stratified subset of this many images (for quick checks)")
     add_threads_arg(tr)

@@ -40,6 +40,7 @@ class TrainConfig:
     # every BatchNorm's momentum; None: the model's own (Keras 0.01 for the paper's models). A model built with
     # --model-arg bn_momentum=X keeps X: the model's own argument is the more specific one.
     bn_momentum: float | None = _R["bn_momentum"]
+    bn_recalibrate: int = _R["bn_recalibrate"]  # training images for BatchNorm statistics before validation; 0: off
     balance: str = _R["balance"]  # oversample the training split ("augment", "smote") or weigh the loss
     train_limit: int | None = None  # use only N training images (stratified), for smoke tests
     threads: int | None = None
@@ -65,6 +66,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "size"):
             if getattr(self, name) < 1:
                 raise BloodcellError(f"{where}: {name} must be at least 1, not {getattr(self, name)}")
+        if self.bn_recalibrate < 0:
+            raise BloodcellError(f"{where}: bn_recalibrate must be 0 (off) or a number of images, not "
+                                 f"{self.bn_recalibrate}")
         for name in ("train_limit", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BloodcellError(f"{where}: {name} must be at least 1, not {getattr(self, name)}")
@@ -116,7 +120,7 @@ class TrainConfig:
 SAVED_ALWAYS = ("model", "data", "size", "epochs", "batch_size", "seed", "lr", "schedule", "augment")
 
 # Fields added after runs had been saved, with the value that reproduces those runs (not today's default).
-FIELDS_ADDED_LATER = {"bn_momentum": None}
+FIELDS_ADDED_LATER = {"bn_momentum": None, "bn_recalibrate": 0}
 
 PRESETS = RECIPE_SETTINGS
 
@@ -132,7 +136,7 @@ _NUMBER = (int, float)
 _TYPES = {"model": str, "model_args": dict, "data": str, "size": int, "data_dir": (str, type(None)),
           "epochs": int, "batch_size": int, "seed": int, "optimizer": (str, type(None)), "lr": _NUMBER,
           "momentum": _NUMBER, "weight_decay": _NUMBER, "schedule": str, "normalize": bool, "augment": str,
-          "label_smoothing": _NUMBER, "bn_momentum": (int, float, type(None)), "balance": str,
+          "label_smoothing": _NUMBER, "bn_momentum": (int, float, type(None)), "bn_recalibrate": int, "balance": str,
           "train_limit": (int, type(None)),
           "threads": (int, type(None)), "precision": str, "device": str, "sync_bn": bool,
           "pretrained": bool, "init_from": (str, type(None))}

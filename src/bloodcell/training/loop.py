@@ -50,6 +50,7 @@ from bloodcell.machine import (
     set_threads,
 )
 from bloodcell.models import count_params_keras, count_params_trainable, create_model, get_spec
+from bloodcell.training.bn_recalibrate import recalibrate_bn, recalibration_sample
 from bloodcell.training.checkpoint import load_state_file, restore_training_state, rng_state, save_state
 from bloodcell.training.config import TrainConfig
 from bloodcell.training.distributed import Dist
@@ -417,12 +418,15 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: bool | None, data:
     if progress is None:
         progress = sys.stderr.isatty()
     clf = classifier_for(state, td)
+    recal = recalibration_sample(td.x_train, cfg.bn_recalibrate, cfg.seed) if cfg.bn_recalibrate else None
     for epoch in range(state.next_epoch, cfg.epochs):
         def save_inside(inside: dict, epoch: int = epoch) -> None:
             save_checkpoint(state_path, state, epoch - 1, inside)
 
         stats = run_epoch(state, td, cfg, epoch, progress=progress, save_every=save_every, on_save=save_inside)
         t_val = time.perf_counter()
+        if recal is not None:  # the statistics of these weights, not a lagging average (bn_recalibrate.py)
+            recalibrate_bn(state.model, recal, Normalizer(**(td.normalization or {})).to(device))
         val_loss, val_acc = distributed.from_main(d, validate(clf, td.x_val, td.y_val), device)
         if not (math.isfinite(stats["train_loss"]) and math.isfinite(val_loss)):
             kept = f"epoch {state.history[-1]['epoch']} is kept in {out}" if state.history else "nothing was saved"
