@@ -16,7 +16,7 @@ from PIL import Image
 from bloodcell.cli import main
 from bloodcell.errors import BloodcellError
 from bloodcell.inference import Classifier
-from bloodcell.inference.ensemble import EnsembleClassifier, combine, make_ensemble, read_ensemble
+from bloodcell.inference.ensemble import EnsembleClassifier, combine, make_ensemble
 from bloodcell.training import TrainConfig, train
 from bloodcell.training.distill import distillation_loss
 
@@ -279,3 +279,23 @@ def test_distilled_run_resumes_to_the_same_result(runs, tmp_path):
     train(cfg, tmp_path / "cut", resume=True, log=lambda s: None)
     wa, wb = load_file(tmp_path / "straight" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_serve_answers_with_the_ensemble(soft, cells):
+    """In-process (FastAPI's TestClient): /v1/predict gives the Python API's answers; /v1/explain says why not."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from bloodcell.serve import create_app, load_served
+
+    served = load_served(soft, device="cpu")
+    assert served.kind == "ensemble" and len(served.info["source"]["members"]) == 3
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in cells[:3]]
+    with TestClient(create_app(served)) as client:
+        got = client.post("/v1/predict", files=files).json()["results"]
+        assert client.get("/v1/model").json()["kind"] == "ensemble"
+        explain = client.post("/v1/explain", files=[("file", files[0][1])])
+        assert explain.status_code == 501 and "member" in explain.text
+    api = Classifier.from_run(soft, device="cpu").predict_files(cells[:3])
+    assert [r["class"] for r in got] == [r.top[0][0] for r in api]
+    assert np.allclose([r["probability"] for r in got], [r.top[0][1] for r in api], atol=1e-6)

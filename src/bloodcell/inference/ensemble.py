@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from bloodcell.choices import CHECKPOINTS, VOTES
-from bloodcell.data.recipe import Recipe
 from bloodcell.errors import BloodcellError
 from bloodcell.inference.classifier import Classifier
 from bloodcell.io import read_json, write_json
