@@ -299,3 +299,14 @@ def test_serve_answers_with_the_ensemble(soft, cells):
     api = Classifier.from_run(soft, device="cpu").predict_files(cells[:3])
     assert [r["class"] for r in got] == [r.top[0][0] for r in api]
     assert np.allclose([r["probability"] for r in got], [r.top[0][1] for r in api], atol=1e-6)
+
+
+def test_predict_with_onnx_runtime_caches_the_ensemble_bundle(soft, cells, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "p.json"
+    assert main(["predict", str(soft), *map(str, cells), "--engine", "onnx", "--out", str(out)]) == 0
+    assert "exporting" in capsys.readouterr().err
+    assert main(["predict", str(soft), *map(str, cells), "--engine", "onnx", "--out", str(out)]) == 0
+    assert "exporting" not in capsys.readouterr().err  # re-used while ensemble.json and the members' weights hold
+    api = Classifier.from_run(soft, device="cpu").predict_files(cells)
+    assert [r["top"][0]["class"] for r in json.loads(out.read_text())] == [r.top[0][0] for r in api]

@@ -122,6 +122,8 @@ def _commands(run: Path, cfg: TrainConfig | None, data_meta: dict, out: Path, ch
         c += f" --precision {cfg.precision}" if cfg.precision != "fp32" else ""
         c += f" --threads {cfg.threads}" if cfg.threads else ""
         c += f" --train-limit {cfg.train_limit}" if cfg.train_limit else ""
+        c += (f" --teacher {cfg.teacher} --distill-alpha {cfg.distill_alpha} --distill-temperature "
+              f"{cfg.distill_temperature}" if cfg.teacher else "")
         cmds.append(c + f" --out {run}")
     if command is None:
         command = f"bloodcell export {run} --out {out}" + (f" --checkpoint {checkpoint}" if checkpoint != "best"
@@ -250,7 +252,8 @@ def export_bundle(run: str | Path, out: str | Path, *, checkpoint: str = "best",
         }
         if members:
             bundle["source"].update(checkpoint=clf.checkpoint, vote=clf.vote, members=[
-                {"run": str(r), "weights_sha256": file_sha256(w)} for r, w in zip(members, clf.weight_files)])
+                {"run": str(r), "weights": str(w), "weights_sha256": file_sha256(w)}
+                for r, w in zip(members, clf.weight_files)])
             bundle["commands"].insert(-1, f"bloodcell ensemble {' '.join(map(str, members))} --vote {clf.vote} "
                                           f"--checkpoint {clf.checkpoint} --out {run}")
             bundle["output"]["probabilities"] = ENSEMBLE_PROBABILITIES[clf.vote]
