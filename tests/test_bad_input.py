@@ -675,3 +675,47 @@ def test_an_unexpected_exception_is_one_line_with_the_traceback_on_request(mod_r
     monkeypatch.setenv("BLOODCELL_DEBUG", "1")
     with pytest.raises(AssertionError, match="ZeroDivisionError"):  # run_cli: the exception escapes main
         run_cli(["predict", mod_run, cell_png])
+
+
+# ---------------------------------------------------------------- ensembles and distillation (issue 32)
+def _unfinished(tmp_path: Path, run: Path) -> Path:
+    d = tmp_path / "unfinished"
+    d.mkdir()
+    (d / "config.json").write_text((run / "config.json").read_text())
+    return d
+
+
+def _bad_vote(tmp_path: Path, run: Path) -> Path:
+    d = tmp_path / "ens"
+    d.mkdir()
+    (d / "ensemble.json").write_text(json.dumps({"format": "bloodcell-ensemble-1", "vote": "loudest",
+                                                 "checkpoint": "best", "members": [{"path": str(run)}] * 2}))
+    return d
+
+
+ENSEMBLE_CASES = {  # args (given the module's run, a copy of it and tmp_path) -> what the one error line names
+    "one-member": (lambda r, c, t: ["ensemble", r, "--out", t / "e"], ["at least 2 member runs"]),
+    "member-missing": (lambda r, c, t: ["ensemble", r, t / "nowhere", "--out", t / "e"], ["nowhere", "not found"]),
+    "member-twice": (lambda r, c, t: ["ensemble", r, r, "--out", t / "e"], ["given twice"]),
+    "member-unfinished": (lambda r, c, t: ["ensemble", r, _unfinished(t, r), "--out", t / "e"],
+                          ["unfinished", "not a finished run"]),
+    "out-is-a-member": (lambda r, c, t: ["ensemble", r, c, "--out", c], ["--out", "member"]),
+    "vote-unknown": (lambda r, c, t: ["ensemble", r, c, "--vote", "loudest", "--out", t / "e"], ["--vote"]),
+    "ensemble-json-edited": (lambda r, c, t: ["evaluate", _bad_vote(t, r)], ["ensemble.json", "vote"]),
+    "teacher-missing": (lambda r, c, t: ["train", "--teacher", t / "nowhere", "--out", t / "s"], ["--teacher"]),
+    "alpha-out-of-range": (lambda r, c, t: ["train", "--teacher", r, "--distill-alpha", "1.5", "--out", t / "s"],
+                           ["--distill-alpha"]),
+    "temperature-zero": (lambda r, c, t: ["train", "--teacher", r, "--distill-temperature", "0", "--out", t / "s"],
+                         ["--distill-temperature"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ENSEMBLE_CASES))
+def test_ensemble_and_teacher_bad_input_is_a_one_line_error(mod_run, mod_npz, run_copy, tmp_path, case):
+    args, named = ENSEMBLE_CASES[case]
+    argv = args(mod_run, run_copy, tmp_path)
+    if argv[0] == "train":
+        argv = [*train_args(mod_npz, argv[-1])[:-2], *argv[1:]]
+    rc, so, se = run_cli(argv)
+    assert_one_line_error(rc, se, *named)
+    assert not (tmp_path / "e" / "ensemble.json").exists()

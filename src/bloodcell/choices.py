@@ -17,6 +17,7 @@ LAYOUTS = ("npz", "shards")  # data prepare --layout: one npz in memory, or memo
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 RECIPES = ("recommended", "paper")
+VOTES = ("soft", "majority")  # bloodcell ensemble --vote
 
 # The training recipes. ``recommended`` is what ``bloodcell train`` and ``TrainConfig()`` train (TrainConfig's
 # defaults are read from it); ``paper`` is the paper's own settings (paper-facts.md: Adam 1e-3, plain SGD for

@@ -28,17 +28,20 @@ def cmd_explain(a: argparse.Namespace) -> int:
         return _list_layers(a)
     if not (a.paths or a.grid or a.report):
         raise BloodcellError("give image PATHs, --grid or --report (or --list-layers)")
+    if a.report:
+        runs.refuse_ensemble(a.run_dir, "--report")
     if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
         raise BloodcellError(f"--out {a.out}: exists and is not a folder (--out names a folder for the PNGs)")
     status = 0
     if a.paths:
         results = runs.explain_files(a.run_dir, a.paths, a.layer, a.target, a.out, a.checkpoint, device=a.device)
         for r in results:
-            print(f"{r['path']}\tERROR: {r['error']}" if "error" in r else
-                  f"{r['path']}\t{r['class']}\t{r['probability']:.4f}\t{r['png']}"
-                  + "".join(f"\tWARNING: {w}" for w in r.get("warnings", [])))
-        good = sum("error" not in r for r in results)
-        print(f"explained {good} of {len(results)} file(s)", file=sys.stderr)
+            line = (f"{r['path']}\tERROR: {r['error']}" if "error" in r else
+                    f"{r['path']}\t{r['class']}\t{r['probability']:.4f}\t{r['png']}"
+                    + "".join(f"\tWARNING: {w}" for w in r.get("warnings", [])))
+            print(f"{r['member']}\t{line}" if "member" in r else line)  # an ensemble's: one line per member
+        good = len({r["path"] for r in results if "error" not in r})
+        print(f"explained {good} of {len({r['path'] for r in results})} file(s)", file=sys.stderr)
         status = 0 if good else 1  # the rule of predict: 1 only when no file could be read
     if a.grid:
         png = runs.grid([a.run_dir, *(a.compare or [])], a.split, a.per_class, a.layer, a.out, a.checkpoint,
@@ -54,8 +57,10 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 def _list_layers(a: argparse.Namespace) -> int:
     from bloodcell.explain.gradcam import default_layer, spatial_layers
+    from bloodcell.explain.runs import refuse_ensemble
     from bloodcell.inference import Classifier
 
+    refuse_ensemble(a.run_dir, "--list-layers")
     clf = Classifier.from_run(a.run_dir, a.checkpoint, device=a.device)
     layers = spatial_layers(clf.model, clf.input_size)
     default = default_layer(clf.model, layers)
@@ -103,7 +108,8 @@ def add_commands(sub) -> None:
                                     "side with --compare), or a report measuring how much of the heatmap falls on "
                                     "the cell and whether it depends on the trained weights. The exit status is 1 "
                                     "when no given file could be read, as for predict.")
-    ex.add_argument("run_dir", help="a run folder made by 'bloodcell train' (or a .safetensors file for PATHs)")
+    ex.add_argument("run_dir", help="a run folder made by 'bloodcell train' (or a .safetensors file for PATHs); an "
+                    "ensemble folder explains each member: PATHs into OUT/MEMBER, --grid with the members side by side")
     ex.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders to explain")
     ex.add_argument("--layer", help="target layer name (see --list-layers; default: last spatial layer)")
     ex.add_argument("--class", dest="target", help="explain this class instead of the predicted one")

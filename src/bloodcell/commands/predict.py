@@ -85,14 +85,17 @@ def cached_bundle(run: Path, checkpoint: str) -> Path:
     """
     from bloodcell.runtime.bundle import file_sha256, read_bundle
 
-    weights = run / f"{checkpoint}.safetensors" if run.is_dir() else run
+    ensemble = (run / "ensemble.json").is_file()  # its members' weights are checked as well
+    weights = run / "ensemble.json" if ensemble else run / f"{checkpoint}.safetensors" if run.is_dir() else run
     cache = (run if run.is_dir() else run.parent) / (f".bundle-{checkpoint}" if run.is_dir()
                                                       else f".bundle-{run.stem}")
     if weights.is_file() and (cache / "bundle.json").is_file():
         try:
-            if read_bundle(cache)["source"]["weights_sha256"] == file_sha256(weights):
+            source = read_bundle(cache)["source"]
+            if source["weights_sha256"] == file_sha256(weights) and all(
+                    file_sha256(m["weights"]) == m["weights_sha256"] for m in source.get("members") or []):
                 return cache
-        except (BloodcellError, KeyError, TypeError):
+        except (BloodcellError, KeyError, TypeError, OSError):
             pass  # an unreadable or stale cache is simply rebuilt
     from bloodcell.deploy import export_bundle
 

@@ -19,6 +19,7 @@ from bloodcell.commands.common import (
     positive_float,
     positive_int,
     unit_interval,
+    zero_to_one,
 )
 from bloodcell.errors import BloodcellError
 
@@ -72,7 +73,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         a.recipe, model=a.model, model_args=parse_model_args(a.model_arg), data=a.data, size=a.size,
         data_dir=a.data_dir, seed=a.seed, train_limit=a.train_limit, threads=a.threads, precision=a.precision,
         device=a.device, sync_bn=a.sync_bn, pretrained=a.pretrained, init_from=a.init_from,
-        **({} if a.resume else given))
+        **_distill_options(a), **({} if a.resume else given))
     data_tag = Path(a.data).stem if a.data.endswith(".npz") else a.data
     out = Path(a.out) if a.out else Path("runs") / f"{a.model}_{data_tag}{a.size}_seed{a.seed}"
     return _train_and_report(a, cfg, out, extend if a.resume else None)
@@ -82,13 +83,23 @@ def cmd_train(a: argparse.Namespace) -> int:
 CONFIG_OPTIONS = {"model": "--model", "data": "--data", "size": "--size", "data_dir": "--data-dir", "seed": "--seed",
                   "train_limit": "--train-limit", "threads": "--threads", "precision": "--precision",
                   "device": "--device", "sync_bn": "--sync-bn", "pretrained": "--pretrained",
-                  "init_from": "--init-from"}
+                  "init_from": "--init-from", "teacher": "--teacher", "distill_alpha": "--distill-alpha",
+                  "distill_temperature": "--distill-temperature"}
+
+
+def _distill_options(a: argparse.Namespace) -> dict:
+    """--teacher and the distillation settings given (the others keep TrainConfig's defaults)."""
+    out = {k: getattr(a, k) for k in ("teacher", "distill_alpha", "distill_temperature") if getattr(a, k) is not None}
+    if "teacher" not in out and out and not a.config:
+        raise BloodcellError(f"--{next(iter(out)).replace('_', '-')} sets how a teacher is distilled: give --teacher "
+                             "RUN|ENSEMBLE as well")
+    return out
 
 
 def _start_options(a: argparse.Namespace) -> dict:
     """--pretrained / --init-from as given: with --resume they must match the run's (it does not start again)."""
     return {**({"pretrained": True} if a.pretrained else {}),
-            **({"init_from": a.init_from} if a.init_from is not None else {})}
+            **({"init_from": a.init_from} if a.init_from is not None else {}), **_distill_options(a)}
 
 
 def given_on_command_line(argv: list[str], option: str) -> bool:
@@ -181,6 +192,15 @@ def add_commands(sub) -> None:
                     help="fine-tune: start from a run folder's best weights or a .safetensors (or .pt/.pth state "
                          "dict) file; only tensors whose names and shapes match are loaded, the rest (e.g. the head "
                          "for another class count) are reported in the log and metrics.json")
+    tr.add_argument("--teacher", metavar="RUN|ENSEMBLE", default=None,
+                    help="knowledge distillation: also learn the softened predictions of this run's best weights or "
+                         "this ensemble folder on each (augmented) batch; its classes, size and preprocessing must "
+                         "be the student's. See docs/ensembles.md")
+    tr.add_argument("--distill-alpha", type=zero_to_one, default=None, metavar="A",
+                    help="with --teacher: loss = (1-A) * cross-entropy + A * T^2 * KL(teacher || student) "
+                         "(default: 0.5)")
+    tr.add_argument("--distill-temperature", type=positive_float, default=None, metavar="T",
+                    help="with --teacher: both sides' logits are divided by T before the softmax (default: 4)")
     add_data_args(tr)
     tr.add_argument("--recipe", choices=RECIPES, default="recommended",
                     help="base settings: 'recommended', or 'paper' (Adam, or SGD for Inception/ResNet, the "

@@ -24,6 +24,7 @@ from bloodcell.deploy.quantize import LADDER, QuantConfig, calibration_indices, 
 from bloodcell.errors import BloodcellError
 from bloodcell.evaluation.metrics import classification_metrics
 from bloodcell.inference import Classifier
+from bloodcell.inference.ensemble import config_file
 from bloodcell.io import current_umask, write_json, write_text
 from bloodcell.models import count_params_keras, count_params_trainable
 from bloodcell.runtime.bundle import (
@@ -43,6 +44,11 @@ from bloodcell.training.config import TrainConfig
 
 MAX_INT8_LOSS = 0.003  # 0.3 points of test accuracy: an int8 model losing more is refused unless forced
 CALIBRATION_SEED = 0
+# What an ensemble graph's output is: the log of its combined probabilities, so softmax gives them back.
+ENSEMBLE_PROBABILITIES = {
+    "soft": "softmax(output) = the mean of the members' probabilities",
+    "majority": "softmax(output) = (member votes + mean member probability) / (members + 1); its arg-max is the "
+                "majority decision, ties broken by the mean probability"}
 
 
 def ort_logits(path: str | Path, images: np.ndarray, normalization: dict | None, batch: int = 256,
@@ -116,6 +122,8 @@ def _commands(run: Path, cfg: TrainConfig | None, data_meta: dict, out: Path, ch
         c += f" --precision {cfg.precision}" if cfg.precision != "fp32" else ""
         c += f" --threads {cfg.threads}" if cfg.threads else ""
         c += f" --train-limit {cfg.train_limit}" if cfg.train_limit else ""
+        c += (f" --teacher {cfg.teacher} --distill-alpha {cfg.distill_alpha} --distill-temperature "
+              f"{cfg.distill_temperature}" if cfg.teacher else "")
         cmds.append(c + f" --out {run}")
     if command is None:
         command = f"bloodcell export {run} --out {out}" + (f" --checkpoint {checkpoint}" if checkpoint != "best"
@@ -149,7 +157,9 @@ def export_bundle(run: str | Path, out: str | Path, *, checkpoint: str = "best",
     _check_out(out, run)
     clf = Classifier.from_run(run, checkpoint, device="cpu")
     run_dir = run if run.is_dir() else None
-    cfg = TrainConfig.load(run_dir / "config.json") if run_dir and (run_dir / "config.json").is_file() else None
+    cfg_file = config_file(run)  # an ensemble's: its first member's, which names the data the members share
+    cfg = TrainConfig.load(cfg_file) if cfg_file and cfg_file.is_file() else None
+    members = getattr(clf, "member_runs", None)  # an ensemble: one graph holds every member and the vote
     temperature = run_temperature(clf)
     name = clf.meta["model"]
     norm = clf.normalization
@@ -237,9 +247,16 @@ def export_bundle(run: str | Path, out: str | Path, *, checkpoint: str = "best",
                        "epoch": clf.meta.get("epoch"), "weights_sha256": file_sha256(clf.source),
                        "dataset": (data.meta.get("name") if data is not None else None),
                        "dataset_fingerprint": (data.meta.get("fingerprint") if data is not None else None)},
-            "commands": _commands(run, cfg, data.meta if data is not None else {}, out, checkpoint, int8,
-                                  calibration_images, force, command),
+            "commands": _commands(run, None if members else cfg, data.meta if data is not None else {}, out,
+                                  checkpoint, int8, calibration_images, force, command),
         }
+        if members:
+            bundle["source"].update(checkpoint=clf.checkpoint, vote=clf.vote, members=[
+                {"run": str(r), "weights": str(w), "weights_sha256": file_sha256(w)}
+                for r, w in zip(members, clf.weight_files)])
+            bundle["commands"].insert(-1, f"bloodcell ensemble {' '.join(map(str, members))} --vote {clf.vote} "
+                                          f"--checkpoint {clf.checkpoint} --out {run}")
+            bundle["output"]["probabilities"] = ENSEMBLE_PROBABILITIES[clf.vote]
         bundle[DIGEST_KEY] = content_digest(bundle)
         write_json(tmp / BUNDLE_JSON, bundle)
         write_text(tmp / MODEL_CARD, model_card(bundle, run_dir, data))

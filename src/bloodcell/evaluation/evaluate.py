@@ -19,6 +19,7 @@ from bloodcell.errors import BloodcellError
 from bloodcell.evaluation.metrics import classification_metrics, trust_metrics
 from bloodcell.evaluation.plots import confusion_matrix_png, history_png
 from bloodcell.inference import Classifier
+from bloodcell.inference.ensemble import config_file
 from bloodcell.io import csv_text, read_json, write_json, write_text
 from bloodcell.machine import device_name, set_threads
 from bloodcell.models import count_params_keras, count_params_trainable
@@ -145,7 +146,7 @@ def open_run(run_dir: str | Path, checkpoint: str, device: str, data_override: s
         raise BloodcellError(f"{run_dir}: run folder not found")
     if tta not in TTA:
         raise BloodcellError(f"unknown --tta '{tta}' ({', '.join(TTA)})")
-    cfg = TrainConfig.load(run_dir / "config.json")
+    cfg = TrainConfig.load(config_file(run_dir))  # an ensemble's: its first member's (the data they share)
     set_threads(cfg.threads)
     clf = Classifier.from_run(run_dir, checkpoint, device=device, tta=tta, calibrated=calibrated)
     data = load_dataset(data_override or cfg.data, cfg.size, data_dir or cfg.data_dir)
@@ -168,16 +169,17 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
         raise BloodcellError(f"--corruption-images must be at least 1, got {corruption_images}")
     run_dir, cfg, clf, data = open_run(run_dir, checkpoint, device, data_override, data_dir, tta)
     key = metrics_key(split, tta)
+    name = clf.meta.get("model", cfg.model)  # an ensemble's names its vote and members
     m, assessed = evaluate_outputs(clf, data.images[split], data.labels[split], tta)
     m.update({
         "split": split,
-        "checkpoint": checkpoint,
+        "checkpoint": getattr(clf, "checkpoint", checkpoint),  # an ensemble's was fixed when it was made
         "checkpoint_epoch": clf.meta.get("epoch"),
         "dataset": data.meta.get("name", cfg.data),
         "class_names": data.class_names,
         "params_keras": count_params_keras(clf.model),
         "params_trainable": count_params_trainable(clf.model),
-        "model_size_mb": round(clf.source.stat().st_size / 1e6, 3),
+        "model_size_mb": round(sum(f.stat().st_size for f in clf.weight_files) / 1e6, 3),
         "device": device_name(clf.device),
     })
     if speed:
@@ -187,23 +189,23 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
         keep = stratified_subset(labels, corruption_images, 0) if corruption_images else np.arange(len(labels))
         m["corruptions"] = corruption_report(clf, to_uint8_nchw(data.images[split][keep]), labels[keep], tta)
         corruption_png(m["corruptions"]["corruptions"], m["corruptions"]["clean"]["accuracy"],
-                       run_dir / f"corruptions_{key}.png", f"{cfg.model} on {split} under corruptions")
+                       run_dir / f"corruptions_{key}.png", f"{name} on {split} under corruptions")
     cm = np.asarray(m["confusion_matrix"])
     write_text(run_dir / f"confusion_{key}.csv",
                csv_text(["true\\pred", *data.class_names], ([n, *r.tolist()] for n, r in zip(data.class_names, cm))))
     confusion_matrix_png(cm, data.class_names, run_dir / f"confusion_{key}.png",
-                         f"{cfg.model} on {split}: accuracy {m['accuracy']:.4f}")
+                         f"{name} on {split}: accuracy {m['accuracy']:.4f}")
     cal = m["calibration"]
     reliability_png(cal["before"], cal["after"], run_dir / f"reliability_{key}.png",
-                    f"{cfg.model} on {split} (TTA {tta}), temperature {cal['temperature']:.3f}")
+                    f"{name} on {split} (TTA {tta}), temperature {cal['temperature']:.3f}")
     probs = assessed["probs"]
     curve = risk_coverage(probs.max(1), probs.argmax(1) == data.labels[split])
     points = {f"target {t}": (v["coverage"], None if v["accuracy"] is None else 1 - v["accuracy"])
               for t, v in m.get("abstention", {}).items()}
-    risk_coverage_png(curve, run_dir / f"risk_coverage_{key}.png", f"{cfg.model} on {split} (TTA {tta})", points)
+    risk_coverage_png(curve, run_dir / f"risk_coverage_{key}.png", f"{name} on {split} (TTA {tta})", points)
     rows = read_history(run_dir / "history.csv")
     if rows:
-        history_png(rows, run_dir / "history.png", f"{cfg.model} training")
+        history_png(rows, run_dir / "history.png", f"{name} training")
     metrics_path = run_dir / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
     metrics[key] = m

@@ -12,15 +12,25 @@ from bloodcell.explain.common import limit_indices, load_run_split, pick_per_cla
 from bloodcell.explain.figures import heatmap_grid_png, overlay_png, per_class_bar_png
 from bloodcell.explain.gradcam import GradCam, measure
 from bloodcell.inference import Classifier
+from bloodcell.inference.ensemble import is_ensemble, member_runs, read_ensemble
 from bloodcell.io import write_json
 from bloodcell.runfolder import run_label
 
 
 def explain_files(run_dir: str | Path, paths: list[str], layer: str | None = None, target: str | None = None,
                   out: str | Path | None = None, checkpoint: str = "best", device: str = "auto") -> list[dict]:
-    """One overlay PNG per image file, for the predicted class or ``target``."""
-    gc = GradCam(Classifier.from_run(run_dir, checkpoint, device=device), layer)
+    """One overlay PNG per image file, for the predicted class or ``target``; for an ensemble, of each member
+    (its own predicted class), in ``out/MEMBER`` (each result names its ``member``)."""
     out = Path(out) if out else _default_out(run_dir)
+    if is_ensemble(run_dir):
+        spec = read_ensemble(run_dir)
+        results, names = [], {}
+        for member in spec["member_runs"]:
+            name = names[member] = _unique_name(member.name, set(names.values()))
+            for r in explain_files(member, paths, layer, target, out / name, spec["checkpoint"], device):
+                results.append({**r, "member": name})
+        return results
+    gc = GradCam(Classifier.from_run(run_dir, checkpoint, device=device), layer)
     results = []
     for f in list_image_files(paths):
         try:
@@ -52,6 +62,12 @@ def grid(run_dirs: list[str | Path], split: str = "test", per_class: int = 4, la
     ckpts = [checkpoint] * len(run_dirs) if isinstance(checkpoint, str) else list(checkpoint)
     if len(ckpts) != len(run_dirs):
         raise BloodcellError("give one checkpoint, or one per run")
+    if any(is_ensemble(r) for r in run_dirs):  # an ensemble's members side by side, at its checkpoint
+        out = Path(out) if out else _default_out(run_dirs[0])
+        expanded = [(m, read_ensemble(r)["checkpoint"], m.name) if is_ensemble(r) else (Path(r), c, run_label(Path(r)))
+                    for r, c in zip(run_dirs, ckpts) for m in (member_runs(r) if is_ensemble(r) else [r])]
+        return grid([r for r, _, _ in expanded], split, per_class, layer, out, [c for _, c, _ in expanded], seed,
+                    names or [n for _, _, n in expanded], device)
     cams = [GradCam(Classifier.from_run(r, c, device=device), layer if k == 0 else None)
             for k, (r, c) in enumerate(zip(run_dirs, ckpts))]
     d = load_run_split(run_dirs[0], split, cams[0].classifier.class_names)
@@ -70,13 +86,21 @@ def grid(run_dirs: list[str | Path], split: str = "test", per_class: int = 4, la
                             f"Grad-CAM (predicted class) on {d.dataset} {split}")
 
 
+def refuse_ensemble(run_dir: str | Path, what: str) -> None:
+    """What measures one model (the report, the layer list) names the member runs to use instead."""
+    if is_ensemble(run_dir):
+        names = ", ".join(map(str, member_runs(run_dir)))
+        raise BloodcellError(f"{run_dir}: is an ensemble; explain {what} looks at one model: explain a member run "
+                             f"({names})")
+
+
 def _default_out(run_or_file: str | Path) -> Path:
     """RUN/explain, or beside a bare weights file."""
     p = Path(run_or_file)
     return (p if p.is_dir() else p.parent) / "explain"
 
 
-def _unique_name(name: str, taken: dict) -> str:
+def _unique_name(name: str, taken: dict | set) -> str:
     k, out = 2, name
     while out in taken:
         out, k = f"{name}_{k}", k + 1
@@ -86,6 +110,7 @@ def _unique_name(name: str, taken: dict) -> str:
 def report(run_dir: str | Path, split: str = "test", limit: int | None = None, layer: str | None = None,
            randomisation_images: int = 64, checkpoint: str = "best", seed: int = 0, device: str = "auto") -> dict:
     """Centre energy share and model-randomisation check over the split; JSON + bar chart in RUN/explain."""
+    refuse_ensemble(run_dir, "--report")
     gc = GradCam(Classifier.from_run(run_dir, checkpoint, device=device), layer)
     d = load_run_split(run_dir, split, gc.classifier.class_names)
     idx = limit_indices(len(d.labels), limit, d.labels, seed)

@@ -67,8 +67,13 @@ class Classifier:
     def from_run(cls, run_or_file: str | Path, checkpoint: str = "best", device: str = "auto", tta: str = "none",
                  calibrated: bool = True) -> Classifier:
         """Load a run folder's ``best``/``last`` weights, or a bare ``.safetensors`` file, with the
-        ``calibration.json`` beside them when it was fitted for these weights (``calibrated=False`` skips it)."""
+        ``calibration.json`` beside them when it was fitted for these weights (``calibrated=False`` skips it).
+        An ensemble folder (``bloodcell ensemble``) gives an ``EnsembleClassifier`` with its recorded checkpoint."""
         n_views(tta)
+        from bloodcell.inference import ensemble
+
+        if ensemble.is_ensemble(run_or_file):
+            return ensemble.load_ensemble(run_or_file, device=device, tta=tta)
         path = resolve_weights(run_or_file, checkpoint)
         model, meta = load_model(path)
         if Path(run_or_file).is_dir():
@@ -83,6 +88,11 @@ class Classifier:
     @property
     def input_size(self) -> int:
         return self.recipe.size
+
+    @property
+    def weight_files(self) -> list[Path]:
+        """The weights files the model was loaded from (an ensemble's: one per member)."""
+        return [self.source] if self.source else []
 
     @property
     def num_classes(self) -> int:

@@ -324,6 +324,9 @@ def create_app(served: Served, config: ServeConfig | None = None) -> FastAPI:
                       class_name: Annotated[str | None, Form(alias="class", description="class to explain "
                                                                 "(default: the predicted one)")] = None) -> Response:
         if not served.can_explain:
+            if served.kind == "ensemble":
+                raise ApiError(501, "explain_unavailable", "Grad-CAM explains one model; this server runs an "
+                               "ensemble (serve one of its member runs to explain)")
             raise ApiError(501, "explain_unavailable", "Grad-CAM needs PyTorch and the run folder; this server "
                            "runs an exported bundle (serve the run folder to explain)")
         if class_name is not None and class_name not in predictor.class_names:

@@ -16,7 +16,7 @@ class Served:
     """The predictor and everything ``/v1/model`` reports about it."""
 
     predictor: object
-    kind: str  # "run" or "bundle"
+    kind: str  # "run", "ensemble" or "bundle"
     engine: str  # "torch" or "onnxruntime"
     path: Path
     info: dict = field(default_factory=dict)
@@ -67,7 +67,10 @@ def load_served(target: str | Path, checkpoint: str = "best", device: str = "cpu
                            else run_card(meta, clf.class_names, metrics, path)),
             "calibrated": clf.mode() is not None, "source": {"run": str(path), "checkpoint": checkpoint,
                                                              "epoch": meta.get("epoch")}}
-    return Served(clf, "run", "torch", path, info)
+    members = getattr(clf, "member_runs", None)
+    if members:  # Grad-CAM explains one model: the page and /v1/explain say to serve a member run for it
+        info["source"].update(checkpoint=clf.checkpoint, vote=clf.vote, members=[str(m) for m in members])
+    return Served(clf, "ensemble" if members else "run", "torch", path, info)
 
 
 def run_card(meta: dict, classes: list[str], metrics: dict, path: Path) -> str:

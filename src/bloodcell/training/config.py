@@ -52,6 +52,9 @@ class TrainConfig:
     sync_bn: bool = False  # multi-process runs: BatchNorm statistics over all ranks (SyncBatchNorm, CUDA only)
     pretrained: bool = False  # start from the library's ImageNet weights (torchvision/timm models only)
     init_from: str | None = None  # start from a run's best weights or a weights file (tensors that fit)
+    teacher: str | None = None  # distil a run's or an ensemble's predictions into this model (training/distill.py)
+    distill_alpha: float = 0.5  # weight of the teacher's soft targets; 1 - alpha is the labels'
+    distill_temperature: float = 4.0  # softens both sides' probabilities before they are compared
 
     def validate(self, where: str = "config") -> TrainConfig:
         """Check every field's type and range; the error names the field."""
@@ -87,6 +90,13 @@ class TrainConfig:
             raise BloodcellError(f"{where}: give --pretrained (the pretrained field), not --model-arg pretrained=...")
         if self.init_from is not None and not self.init_from.strip():
             raise BloodcellError(f"{where}: init_from must be a run folder or weights file, not an empty string")
+        if self.teacher is not None and not self.teacher.strip():
+            raise BloodcellError(f"{where}: teacher must be a run or ensemble folder, not an empty string")
+        if not 0 <= self.distill_alpha <= 1:
+            raise BloodcellError(f"{where}: distill_alpha must be in [0, 1], not {self.distill_alpha}")
+        if not 0 < self.distill_temperature < float("inf"):
+            raise BloodcellError(f"{where}: distill_temperature must be a positive number, not "
+                                 f"{self.distill_temperature}")
         return self
 
     def to_dict(self) -> dict:
@@ -120,7 +130,8 @@ class TrainConfig:
 SAVED_ALWAYS = ("model", "data", "size", "epochs", "batch_size", "seed", "lr", "schedule", "augment")
 
 # Fields added after runs had been saved, with the value that reproduces those runs (not today's default).
-FIELDS_ADDED_LATER = {"bn_momentum": None, "bn_recalibrate": 0}
+FIELDS_ADDED_LATER = {"bn_momentum": None, "bn_recalibrate": 0, "teacher": None, "distill_alpha": 0.5,
+                      "distill_temperature": 4.0}
 
 PRESETS = RECIPE_SETTINGS
 
@@ -139,7 +150,8 @@ _TYPES = {"model": str, "model_args": dict, "data": str, "size": int, "data_dir"
           "label_smoothing": _NUMBER, "bn_momentum": (int, float, type(None)), "bn_recalibrate": int, "balance": str,
           "train_limit": (int, type(None)),
           "threads": (int, type(None)), "precision": str, "device": str, "sync_bn": bool,
-          "pretrained": bool, "init_from": (str, type(None))}
+          "pretrained": bool, "init_from": (str, type(None)), "teacher": (str, type(None)),
+          "distill_alpha": _NUMBER, "distill_temperature": _NUMBER}
 
 
 def _check_type(cfg: TrainConfig, where: str) -> None:

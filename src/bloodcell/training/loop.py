@@ -53,6 +53,8 @@ from bloodcell.models import count_params_keras, count_params_trainable, create_
 from bloodcell.training.bn_recalibrate import recalibrate_bn, recalibration_sample
 from bloodcell.training.checkpoint import load_state_file, restore_training_state, rng_state, save_state
 from bloodcell.training.config import TrainConfig
+from bloodcell.training.distill import distillation_loss, load_teacher, teacher_logits
+from bloodcell.training.distill import summary as distill_summary
 from bloodcell.training.distributed import Dist
 from bloodcell.training.init_from import describe, init_from
 from bloodcell.training.lock import run_lock
@@ -97,6 +99,7 @@ class TrainState:
     net: nn.Module | None = None  # what the batches go through: the model, or its DistributedDataParallel wrapper
     dist: Dist = field(default_factory=Dist)
     init_from: dict | None = None  # what --init-from loaded; kept in state.pt so a resumed run still reports it
+    teacher: Classifier | None = None  # --teacher: fixed, so a resumed run distils exactly as before
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -257,6 +260,9 @@ def run_epoch(state: TrainState, td: TrainingData, cfg: TrainConfig, epoch: int,
             with autocast:
                 logits = net(norm(xb))
                 loss = F.cross_entropy(logits, yb, weight=td.loss_weight, label_smoothing=cfg.label_smoothing)
+                if state.teacher is not None:  # knowledge distillation (training/distill.py)
+                    loss = distillation_loss(loss, logits, teacher_logits(state.teacher, xb),
+                                             alpha=cfg.distill_alpha, temperature=cfg.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -388,6 +394,8 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: bool | None, data:
                        init_from=inits[0] if inits else None)
     if state.init_from:
         log(describe(state.init_from))
+    state.teacher = load_teacher(cfg.teacher, class_names=td.class_names, size=td.size, recipe=td.recipe,
+                                 normalization=td.normalization, device=device)
     if d.active:
         if getattr(model, "needs_pretraining", False):
             raise BloodcellError(f"model '{cfg.model}' has a pre-training stage, which runs in one process only; "
@@ -479,6 +487,7 @@ def _write_summary(cfg: TrainConfig, out: Path, state: TrainState, td: TrainingD
         "train_class_counts": torch.bincount(td.y_train.cpu(), minlength=len(td.class_names)).tolist(),
         "class_names": td.class_names,  # predict cross-checks a weights file's classes against these
         "init_from": state.init_from,  # what --init-from loaded and which tensors kept their initialisation
+        "distillation": distill_summary(cfg),  # --teacher, alpha and temperature (None without a teacher)
     }
     metrics_path = out / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
