@@ -322,8 +322,8 @@ def test_frontier_suite_trains_the_recommended_recipe_per_size_and_writes_the_fr
     out = tmp_path / "bench"
     frontier = suites.get_suite("frontier")
     cfg = benchmark.entry_config(frontier.entries[0].config, seed=0, data="tiny", size=28, recipe=frontier.recipe)
-    assert (cfg.augment, cfg.schedule, cfg.bn_momentum, frontier.entries[0].checkpoint) == ("dihedral", "cosine",
-                                                                                           0.1, "best")
+    assert (cfg.augment, cfg.schedule, cfg.bn_recalibrate, frontier.entries[0].checkpoint) == ("dihedral", "cosine",
+                                                                                              2048, "best")
     r = benchmark.run_suite("frontier", seeds=[0, 1], out=out, models=["se-cnn", "mobilenetv3-small"],
                             data="tiny", size=28, epochs=1, threads=1, **QUIET)
     root = out / "frontier-28"  # each size in its own folder
