@@ -57,6 +57,14 @@ def unit_interval(text: str) -> float:
     return _number(text, float, "a number", lambda v: 0 < v <= 1, "in (0, 1]")
 
 
+def fraction(text: str) -> float:
+    return _number(text, float, "a number", lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def fraction_below_one(text: str) -> float:
+    return _number(text, float, "a number", lambda v: 0 <= v < 1, "in [0, 1)")
+
+
 def add_data_args(p: argparse.ArgumentParser, default: str | None = "bloodmnist") -> None:
     p.add_argument("--data", default=default,
                    help=DATA_HELP if default else "a prepared dataset's name, or a MedMNIST-format .npz file")
