@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import resource
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import numpy as np
 
 from bloodcell.choices import RECIPE_SETTINGS
 from bloodcell.io import read_json, write_json, write_text
-from bloodcell.machine import machine_info
+from bloodcell.machine import machine_info, machine_load
 
 ROOT = Path(__file__).resolve().parent
 CPU_FILE = "ablation_cpu.json"  # a run's accumulated process CPU seconds (training and its test evaluation)
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/recipe_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     known = variants(a.epochs)
     results = [run_variant(a, known[name]) for name in a.variant_names]
-    report = {"command": command.strip(), "machine": {**machine_info(), "load_1min": os.getloadavg()[0]},
+    report = {"command": command.strip(), "machine": {**machine_info(), "load_1min": machine_load()},
               "date_utc": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
               "data": a.data, "size": a.size, "epochs": a.epochs, "seed_list": a.seeds,
               "train_limit": a.train_limit, "base_recipe": RECIPE_SETTINGS["recommended"], "variants": results}
