@@ -109,6 +109,19 @@ def test_1_train_refuses_non_positive_settings(mod_npz, tmp_path, setting, value
     assert not (out / "best.safetensors").exists(), "trained although the setting was refused"
 
 
+# ---- 1b. train refuses recipe options out of range (issue 32's warm-up, EMA, mix and jitter)
+@pytest.mark.parametrize("setting, value", [
+    ("warmup_epochs", "-1"), ("warmup_epochs", "5"), ("ema", "1"), ("ema", "-0.1"), ("mix", "blend"),
+    ("mix_alpha", "0"), ("color_jitter", "1.5"), ("scale_jitter", "1"), ("scale_jitter", "x"),
+], ids=["warmup-neg", "warmup-beyond-epochs", "ema1", "ema-neg", "mix-blend", "alpha0", "colour1.5", "scale1",
+        "scale-x"])
+def test_1b_train_refuses_recipe_options_out_of_range(mod_npz, tmp_path, setting, value):
+    out = tmp_path / "run"
+    rc, so, se = run_cli(train_args(mod_npz, out, **{setting: value}))
+    assert_one_line_error(rc, se, ("--" + setting.replace("_", "-"), setting))
+    assert not (out / "best.safetensors").exists(), "trained although the setting was refused"
+
+
 # ---- 2. data prepare refuses a crop that is not positive
 @pytest.mark.parametrize("crop", ["0", "-5"])
 def test_2_prepare_refuses_non_positive_crop(image_tree, tmp_path, crop):
@@ -357,6 +370,8 @@ CONFIG_EDITS = {  # edit -> what the error must name (besides no traceback)
     "epochs-five": ({"epochs": "five"}, ["epochs"]),
     "lr-negative": ({"lr": -1}, ["lr"]),
     "model-nope": ({"model": "nope"}, ["nope"]),
+    "ema-one": ({"ema": 1.0}, ["ema"]),
+    "mix-unknown": ({"mix": "blend"}, ["mix"]),
     "not-json": ("{not json", ["config.json"]),
     "json-list": ("[1, 2]", ["config.json"]),
 }

@@ -246,18 +246,23 @@ def test_load_is_sampled_once_per_epoch(prepared, tmp_path, monkeypatch):
     assert [float(r["load"]) for r in history(tmp_path / "r")] == [1.25, 1.25]
 
 
-def test_an_epoch_reads_the_device_only_at_its_end(prepared, tmp_path, monkeypatch):
+RECIPE_OPTIONS_ON = dict(warmup_epochs=1, ema=0.99, mix="cutmix", color_jitter=0.5, scale_jitter=0.2)
+
+
+@pytest.mark.parametrize("options", [{}, RECIPE_OPTIONS_ON], ids=["defaults", "issue-32-options-on"])
+def test_an_epoch_reads_the_device_only_at_its_end(prepared, tmp_path, monkeypatch, options):
     """Losses and correct counts accumulate as tensors: the number of host reads (item/float/int of a tensor)
-    in ``run_epoch`` does not grow with the number of batches."""
+    in ``run_epoch`` does not grow with the number of batches (warm-up, EMA, mixes and jitter add none)."""
     from bloodcell.data.store import load_dataset
     from bloodcell.training import loop
 
     def syncs_for(batch_size: int) -> int:
-        cfg = TrainConfig(**{**FAST, "batch_size": batch_size}, epochs=1)
+        cfg = TrainConfig(**{**FAST, "batch_size": batch_size}, epochs=1, **options)
         device = torch.device("cpu")
         td = loop.prepare_training_data(cfg, load_dataset("bloodmnist", 28), device)
         model, opt = loop.build_model_and_optimizer(cfg, len(td.class_names), td.size, device)
-        state = loop.TrainState(model, opt, torch.amp.GradScaler("cpu", enabled=False), torch.Generator())
+        state = loop.TrainState(model, opt, torch.amp.GradScaler("cpu", enabled=False), torch.Generator(),
+                                ema=loop.make_ema(model, cfg.ema))
         count = [0]
         originals = {name: getattr(torch.Tensor, name) for name in ("item", "__float__", "__int__", "tolist")}
 

@@ -57,8 +57,12 @@ def unit_interval(text: str) -> float:
     return _number(text, float, "a number", lambda v: 0 < v <= 1, "in (0, 1]")
 
 
-def zero_to_one(text: str) -> float:
+def fraction(text: str) -> float:
     return _number(text, float, "a number", lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def fraction_below_one(text: str) -> float:
+    return _number(text, float, "a number", lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def add_data_args(p: argparse.ArgumentParser, default: str | None = "bloodmnist") -> None:

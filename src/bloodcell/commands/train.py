@@ -6,26 +6,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from bloodcell.choices import AUGMENTS, BALANCES, OPTIMIZERS, RECIPE_SETTINGS, RECIPES, SCHEDULES
+from bloodcell.choices import AUGMENTS, BALANCES, MIX_ALPHA, MIXES, OPTIMIZERS, RECIPE_SETTINGS, RECIPES, SCHEDULES
 from bloodcell.commands.common import (
     add_checkpoint_arg,
     add_data_args,
     add_device_arg,
     add_precision_arg,
     add_threads_arg,
+    fraction,
+    fraction_below_one,
     non_negative_float,
     non_negative_int,
     parse_model_args,
     positive_float,
     positive_int,
     unit_interval,
-    zero_to_one,
 )
 from bloodcell.errors import BloodcellError
 
 # Options whose default comes from --recipe (None on the command line = "the recipe's value").
 RECIPE_OPTIONS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "augment",
-                  "label_smoothing", "balance", "bn_momentum", "bn_recalibrate")
+                  "label_smoothing", "balance", "bn_momentum", "bn_recalibrate", "warmup_epochs", "ema", "mix",
+                  "mix_alpha", "color_jitter", "scale_jitter")
 
 
 def launch_processes(a: argparse.Namespace) -> int:
@@ -169,6 +171,33 @@ def _recipe_default(key: str) -> str:
     return text + (f"; with --recipe paper: {show.get(paper, paper)}" if paper != rec else "")
 
 
+def add_recipe_option_args(tr: argparse.ArgumentParser) -> None:
+    """The options issue 32 measures by ablation (benchmarks/recipe_ablation.py); all off unless given."""
+    tr.add_argument("--warmup-epochs", type=non_negative_float, default=None, metavar="N",
+                    help="linear warm-up of the learning rate over the first N epochs (may be fractional), set per "
+                         "step, not per epoch; the schedule's factor multiplies it, so after N epochs the schedule "
+                         f"alone sets the rate ({_recipe_default('warmup_epochs')})")
+    tr.add_argument("--ema", type=fraction_below_one, default=None, metavar="DECAY",
+                    help="keep an exponential moving average of the weights and BatchNorm statistics, updated after "
+                         "every step with this decay (e.g. 0.999); validation, best/last weights and so every later "
+                         f"command use the average; 0 = off ({_recipe_default('ema')})")
+    tr.add_argument("--mix", choices=MIXES, default=None,
+                    help="mix each training image with another of its batch: 'mixup' blends the two, 'cutmix' "
+                         "pastes a box of the other; the loss takes soft targets (class weights and label smoothing "
+                         f"still apply); train_acc counts the image's own label ({_recipe_default('mix')})")
+    tr.add_argument("--mix-alpha", type=positive_float, default=None, metavar="A",
+                    help="the mixing weight is drawn per image from Beta(A, A) (default: "
+                         + ", ".join(f"{k} {v:g}" for k, v in MIX_ALPHA.items()) + ")")
+    tr.add_argument("--color-jitter", type=fraction, default=None, metavar="S",
+                    help="colour/stain jitter of strength S in [0, 1] per training image: brightness, contrast and "
+                         "saturation factors in 1 +- 0.4 S and a hue turn of up to +-0.1 S, drawn per image "
+                         f"({_recipe_default('color_jitter')})")
+    tr.add_argument("--scale-jitter", type=fraction_below_one, default=None, metavar="S",
+                    help="random zoom of each training image by a factor in [1-S, 1+S] about its centre "
+                         "(reflection padding when zoomed out); with --color-jitter applied after the flips of "
+                         f"--augment, to training batches only ({_recipe_default('scale_jitter')})")
+
+
 def add_commands(sub) -> None:
     tr = sub.add_parser(
         "train", help="train a model into a run folder", allow_abbrev=False,  # --config tells given options
@@ -196,7 +225,7 @@ def add_commands(sub) -> None:
                     help="knowledge distillation: also learn the softened predictions of this run's best weights or "
                          "this ensemble folder on each (augmented) batch; its classes, size and preprocessing must "
                          "be the student's. See docs/ensembles.md")
-    tr.add_argument("--distill-alpha", type=zero_to_one, default=None, metavar="A",
+    tr.add_argument("--distill-alpha", type=fraction, default=None, metavar="A",
                     help="with --teacher: loss = (1-A) * cross-entropy + A * T^2 * KL(teacher || student) "
                          "(default: 0.5)")
     tr.add_argument("--distill-temperature", type=positive_float, default=None, metavar="T",
@@ -233,6 +262,7 @@ def add_commands(sub) -> None:
                     help="standardise by the training set's channel mean/std (default: only divide by 255)")
     tr.add_argument("--label-smoothing", type=non_negative_float, default=None,
                     help=f"label smoothing, below 1 ({_recipe_default('label_smoothing')})")
+    add_recipe_option_args(tr)
     tr.add_argument("--bn-momentum", type=unit_interval, default=None,
                     help="every BatchNorm's running-statistics momentum, PyTorch's convention (default: the "
                          "model's own, Keras' 0.01 for the paper's models); a model argument of the same name takes "

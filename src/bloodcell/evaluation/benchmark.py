@@ -146,6 +146,7 @@ def settings_text(cfg: TrainConfig, checkpoint: str | None) -> str:
         parts.append(f"aug {cfg.augment}")
     if cfg.balance != "none":
         parts.append(f"balance {cfg.balance}")
+    parts += recipe_option_parts(cfg)
     if cfg.model_args:
         parts.append(" ".join(f"{k}={v}" for k, v in sorted(cfg.model_args.items())))
     if cfg.precision != "fp32":
@@ -153,6 +154,22 @@ def settings_text(cfg: TrainConfig, checkpoint: str | None) -> str:
     parts.append(f"{checkpoint} ckpt")
     parts.append(f"{cfg.data} {cfg.size}px")  # runs on other data or sizes must never share a mean
     return ", ".join(parts)
+
+
+def recipe_option_parts(cfg: TrainConfig) -> list[str]:
+    """The issue-32 recipe options that are on (runs differing in one must not share a mean)."""
+    parts = []
+    if cfg.warmup_epochs:
+        parts.append(f"warm-up {cfg.warmup_epochs:g} ep")
+    if cfg.ema:
+        parts.append(f"ema {cfg.ema:g}")
+    if cfg.mix != "none":
+        parts.append(cfg.mix + (f" {cfg.mix_alpha:g}" if cfg.mix_alpha is not None else ""))
+    if cfg.color_jitter:
+        parts.append(f"colour jitter {cfg.color_jitter:g}")
+    if cfg.scale_jitter:
+        parts.append(f"scale jitter {cfg.scale_jitter:g}")
+    return parts
 
 
 def _default_optimizer(model: str) -> str:

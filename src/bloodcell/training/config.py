@@ -10,7 +10,16 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bloodcell.choices import AUGMENTS, BALANCES, DEVICES, OPTIMIZERS, PRECISIONS, RECIPE_SETTINGS, SCHEDULES
+from bloodcell.choices import (
+    AUGMENTS,
+    BALANCES,
+    DEVICES,
+    MIXES,
+    OPTIMIZERS,
+    PRECISIONS,
+    RECIPE_SETTINGS,
+    SCHEDULES,
+)
 from bloodcell.errors import BloodcellError
 from bloodcell.io import read_json, write_json
 
@@ -41,6 +50,12 @@ class TrainConfig:
     # --model-arg bn_momentum=X keeps X: the model's own argument is the more specific one.
     bn_momentum: float | None = _R["bn_momentum"]
     bn_recalibrate: int = _R["bn_recalibrate"]  # training images for BatchNorm statistics before validation; 0: off
+    warmup_epochs: float = _R["warmup_epochs"]  # linear warm-up of the learning rate, per step, over N epochs
+    ema: float = _R["ema"]  # decay of an exponential moving average of the weights (0: off); validated and saved
+    mix: str = _R["mix"]  # mixup / cutmix of image pairs within each batch, with soft targets
+    mix_alpha: float | None = _R["mix_alpha"]  # Beta(alpha, alpha) of the mix; None: choices.MIX_ALPHA's
+    color_jitter: float = _R["color_jitter"]  # per-image brightness/contrast/saturation/hue jitter strength
+    scale_jitter: float = _R["scale_jitter"]  # per-image random zoom in [1 - S, 1 + S]
     balance: str = _R["balance"]  # oversample the training split ("augment", "smote") or weigh the loss
     train_limit: int | None = None  # use only N training images (stratified), for smoke tests
     threads: int | None = None
@@ -59,7 +74,7 @@ class TrainConfig:
     def validate(self, where: str = "config") -> TrainConfig:
         """Check every field's type and range; the error names the field."""
         _check_type(self, where)
-        for name, allowed in (("schedule", SCHEDULES), ("augment", AUGMENTS), ("balance", BALANCES),
+        for name, allowed in (("schedule", SCHEDULES), ("augment", AUGMENTS), ("mix", MIXES), ("balance", BALANCES),
                               ("precision", PRECISIONS), ("device", DEVICES)):
             value = getattr(self, name)
             if (value.split(":")[0] if name == "device" else value) not in allowed:
@@ -84,6 +99,7 @@ class TrainConfig:
             raise BloodcellError(f"{where}: bn_momentum must be in (0, 1], not {self.bn_momentum}")
         if not 0 <= self.label_smoothing < 1:
             raise BloodcellError(f"{where}: label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        self._validate_recipe_options(where)
         if not self.model or not self.data:
             raise BloodcellError(f"{where}: model and data must be non-empty names")
         if "pretrained" in self.model_args:  # saved with the weights, it would make every load download them again
@@ -92,12 +108,29 @@ class TrainConfig:
             raise BloodcellError(f"{where}: init_from must be a run folder or weights file, not an empty string")
         if self.teacher is not None and not self.teacher.strip():
             raise BloodcellError(f"{where}: teacher must be a run or ensemble folder, not an empty string")
+        if self.teacher is not None and self.mix != "none":
+            raise BloodcellError(f"{where}: teacher and mix '{self.mix}' cannot be combined: the teacher's targets are "
+                                 "for the images as they are, not for mixed pairs")
         if not 0 <= self.distill_alpha <= 1:
             raise BloodcellError(f"{where}: distill_alpha must be in [0, 1], not {self.distill_alpha}")
         if not 0 < self.distill_temperature < float("inf"):
             raise BloodcellError(f"{where}: distill_temperature must be a positive number, not "
                                  f"{self.distill_temperature}")
         return self
+
+    def _validate_recipe_options(self, where: str) -> None:
+        """The ranges of warm-up, EMA, mix and jitter (each error names its field)."""
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise BloodcellError(f"{where}: warmup_epochs must be in [0, epochs={self.epochs}], "
+                                 f"not {self.warmup_epochs}")
+        if not 0 <= self.ema < 1:
+            raise BloodcellError(f"{where}: ema must be in [0, 1) (0 = off, e.g. 0.999), not {self.ema}")
+        if self.mix_alpha is not None and not 0 < self.mix_alpha < float("inf"):
+            raise BloodcellError(f"{where}: mix_alpha must be a positive number, not {self.mix_alpha}")
+        if not 0 <= self.color_jitter <= 1:
+            raise BloodcellError(f"{where}: color_jitter must be in [0, 1], not {self.color_jitter}")
+        if not 0 <= self.scale_jitter < 1:
+            raise BloodcellError(f"{where}: scale_jitter must be in [0, 1), not {self.scale_jitter}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,7 +164,8 @@ SAVED_ALWAYS = ("model", "data", "size", "epochs", "batch_size", "seed", "lr", "
 
 # Fields added after runs had been saved, with the value that reproduces those runs (not today's default).
 FIELDS_ADDED_LATER = {"bn_momentum": None, "bn_recalibrate": 0, "teacher": None, "distill_alpha": 0.5,
-                      "distill_temperature": 4.0}
+                      "distill_temperature": 4.0, "warmup_epochs": 0, "ema": 0.0, "mix": "none", "mix_alpha": None,
+                      "color_jitter": 0.0, "scale_jitter": 0.0}
 
 PRESETS = RECIPE_SETTINGS
 
@@ -147,7 +181,9 @@ _NUMBER = (int, float)
 _TYPES = {"model": str, "model_args": dict, "data": str, "size": int, "data_dir": (str, type(None)),
           "epochs": int, "batch_size": int, "seed": int, "optimizer": (str, type(None)), "lr": _NUMBER,
           "momentum": _NUMBER, "weight_decay": _NUMBER, "schedule": str, "normalize": bool, "augment": str,
-          "label_smoothing": _NUMBER, "bn_momentum": (int, float, type(None)), "bn_recalibrate": int, "balance": str,
+          "label_smoothing": _NUMBER, "bn_momentum": (int, float, type(None)), "bn_recalibrate": int,
+          "balance": str, "warmup_epochs": _NUMBER, "ema": _NUMBER, "mix": str, "mix_alpha": (int, float, type(None)),
+          "color_jitter": _NUMBER, "scale_jitter": _NUMBER,
           "train_limit": (int, type(None)),
           "threads": (int, type(None)), "precision": str, "device": str, "sync_bn": bool,
           "pretrained": bool, "init_from": (str, type(None)), "teacher": (str, type(None)),

@@ -3,9 +3,10 @@
 ``train`` is a sequence of named steps, each testable alone: ``prepare_training_data`` (the splits as uint8
 tensors on the device, or, for a dataset stored as shards, lazy ``ShardedImages`` read batch by batch),
 ``build_model_and_optimizer``, ``run_epoch`` (no host synchronisation per batch: loss and correct counts
-accumulate as tensors; batches on disk are read one ahead in a background thread), ``validate`` (through the
-inference ``Classifier``) and ``save_checkpoint`` / ``load_checkpoint`` (everything needed to resume exactly, the
-CUDA RNG included).
+accumulate as tensors; batches on disk are read one ahead in a background thread; augmentation, jitter and mixes
+act on whole batches with draws from the run's generator), ``validate`` (through the inference ``Classifier``; with
+``--ema`` on the moving average of the weights, which is also what the weights files hold) and
+``save_checkpoint`` / ``load_checkpoint`` (everything needed to resume exactly, the CUDA RNG and the EMA included).
 """
 
 from __future__ import annotations
@@ -22,10 +23,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import bloodcell.training.distributed as distributed
 from bloodcell import __version__
+from bloodcell.choices import MIX_ALPHA
 from bloodcell.data.balance import balance_training_set, class_weights
+from bloodcell.data.jitter import (
+    apply_colour_jitter,
+    apply_mix,
+    apply_scale_jitter,
+    colour_draws,
+    mix_draws,
+    zoom_draws,
+)
 from bloodcell.data.recipe import Recipe
 from bloodcell.data.store import PreparedData, load_dataset
 from bloodcell.data.tensors import (
@@ -40,6 +51,7 @@ from bloodcell.data.tensors import (
 )
 from bloodcell.errors import BloodcellError
 from bloodcell.inference import Classifier, save_weights
+from bloodcell.inference.weights import load_state
 from bloodcell.io import csv_text, read_json, write_json, write_text
 from bloodcell.machine import (
     configure_determinism,
@@ -59,7 +71,7 @@ from bloodcell.training.distributed import Dist
 from bloodcell.training.init_from import describe, init_from
 from bloodcell.training.lock import run_lock
 from bloodcell.training.prefetch import batch_reader
-from bloodcell.training.schedules import lr_factor
+from bloodcell.training.schedules import step_lr
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "load"]
 STATE_KEYS = ("model", "optimizer", "generator", "torch_rng", "history", "best", "epoch")
@@ -100,6 +112,20 @@ class TrainState:
     dist: Dist = field(default_factory=Dist)
     init_from: dict | None = None  # what --init-from loaded; kept in state.pt so a resumed run still reports it
     teacher: Classifier | None = None  # --teacher: fixed, so a resumed run distils exactly as before
+    ema: AveragedModel | None = None  # --ema: the moving average of the weights, updated after every step
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s parameters and buffers (so BatchNorm statistics follow), or
+    None when ``decay`` is 0. Its step counter stays on the CPU, so its first-step check reads no device."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def weights_model(state: TrainState) -> nn.Module:
+    """The weights that are validated and saved: the EMA's when on, else the trained model's."""
+    return state.ema.module if state.ema is not None else state.model
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -192,7 +218,7 @@ def weights_meta(cfg: TrainConfig, td: TrainingData, epoch: int) -> dict:
 def classifier_for(state: TrainState, td: TrainingData) -> Classifier:
     """The model being trained, seen through the inference core (so validation predicts as evaluate does)."""
     recipe = Recipe.from_dict(td.recipe, where=f"dataset {td.dataset}")
-    return Classifier(state.model, class_names=td.class_names, recipe=recipe, normalization=td.normalization,
+    return Classifier(weights_model(state), class_names=td.class_names, recipe=recipe, normalization=td.normalization,
                       device=td.x_val.device)
 
 
@@ -202,6 +228,47 @@ def validate(clf: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[float, 
     loss = F.cross_entropy(logits, y)
     acc = (logits.argmax(1) == y).float().mean()
     return float(loss), float(acc)
+
+
+def mix_alpha(cfg: TrainConfig) -> float:
+    """``--mix-alpha``, or the usual alpha of the chosen mix (mixup 0.2, cutmix 1.0)."""
+    return cfg.mix_alpha if cfg.mix_alpha is not None else MIX_ALPHA.get(cfg.mix, 1.0)
+
+
+def batch_draws(cfg: TrainConfig, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The random numbers of a global batch of ``n`` for the options that are on, in a fixed order (so the
+    generator, and with it a resumed or multi-process run, advances the same way); none when all are off."""
+    draws = {}
+    if cfg.scale_jitter:
+        draws["zoom"] = zoom_draws(n, cfg.scale_jitter, gen)
+    if cfg.color_jitter:
+        draws["colour"] = colour_draws(n, cfg.color_jitter, gen)
+    if cfg.mix != "none":
+        draws["mix"] = mix_draws(n, cfg.mix, gen)
+    return draws
+
+
+def jitter(xb: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scale then colour jitter of a uint8 training batch (after the flips), with this rank's draws."""
+    if "zoom" in draws:
+        xb = apply_scale_jitter(xb, draws["zoom"])
+    if "colour" in draws:
+        xb = apply_colour_jitter(xb, draws["colour"])
+    return xb
+
+
+def inputs_and_targets(x: torch.Tensor, y: torch.Tensor, draws: dict[str, torch.Tensor], cfg: TrainConfig,
+                       num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's input and the loss's target: the labels, or with ``--mix`` the mixed images and soft targets
+    (pairs from the same rank's shard)."""
+    if "mix" not in draws:
+        return x, y
+    return apply_mix(x, y, draws["mix"], cfg.mix, mix_alpha(cfg), num_classes)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
 
 
 # In a multi-process run the ranks decide together, every this many batches, whether to save a part-epoch state.
@@ -226,9 +293,11 @@ def run_epoch(state: TrainState, td: TrainingData, cfg: TrainConfig, epoch: int,
     n, bs = len(td.x_train), cfg.batch_size
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     norm = Normalizer(**(td.normalization or {})).to(device)
-    lr = cfg.lr * lr_factor(cfg.schedule, epoch, cfg.epochs)
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+    steps, num_classes = -(-n // bs), len(td.class_names)
+
+    def lr_of(step: int) -> float:
+        return step_lr(cfg.lr, cfg.schedule, epoch, cfg.epochs, step, steps, cfg.warmup_epochs)
+
     net.train()
     t0 = last_save = time.perf_counter()
     partial, state.partial = state.partial, None
@@ -252,21 +321,29 @@ def run_epoch(state: TrainState, td: TrainingData, cfg: TrainConfig, epoch: int,
         for i in bar:
             batch = perm_dev[i : i + bs]
             codes = augment_codes(len(batch), cfg.augment, gen) if cfg.augment != "none" else None
+            draws = batch_draws(cfg, len(batch), gen)
             if len(batch) < d.world:  # a last batch too small to give every rank an image is left out
                 continue
+            set_lr(optimizer, lr_of(i // bs))  # per step: the warm-up ramps within epochs
             idx = distributed.shard(batch, d)
+            draws = {k: distributed.shard(v, d) for k, v in draws.items()}
             xb = take(idx) if codes is None else apply_augment(take(idx), distributed.shard(codes, d), cfg.augment)
             yb = td.y_train[idx]
+            x_seen = jitter(xb, draws)  # uint8: what the student sees before normalising (and the teacher)
+            x_in, target = inputs_and_targets(norm(x_seen), yb, draws, cfg, num_classes)
             with autocast:
-                logits = net(norm(xb))
-                loss = F.cross_entropy(logits, yb, weight=td.loss_weight, label_smoothing=cfg.label_smoothing)
-                if state.teacher is not None:  # knowledge distillation (training/distill.py)
-                    loss = distillation_loss(loss, logits, teacher_logits(state.teacher, xb),
+                logits = net(x_in)
+                # soft targets (--mix) take the class weights and label smoothing as hard labels do
+                loss = F.cross_entropy(logits, target, weight=td.loss_weight, label_smoothing=cfg.label_smoothing)
+                if state.teacher is not None:  # knowledge distillation (training/distill.py); --mix is refused
+                    loss = distillation_loss(loss, logits, teacher_logits(state.teacher, x_seen),
                                              alpha=cfg.distill_alpha, temperature=cfg.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if state.ema is not None:
+                state.ema.update_parameters(state.model)
             loss_sum += loss.detach().to(acc_dtype) * len(idx)
             correct += (logits.argmax(1) == yb).sum()
             seen += len(batch)
@@ -283,7 +360,8 @@ def run_epoch(state: TrainState, td: TrainingData, cfg: TrainConfig, epoch: int,
                         correct = total_correct if d.main else torch.zeros_like(correct)
                     last_save = time.perf_counter()
     loss_sum, correct = distributed.all_sum(d, loss_sum), distributed.all_sum(d, correct)
-    return {"train_loss": float(loss_sum) / max(seen, 1), "train_acc": int(correct) / max(seen, 1), "lr": lr,
+    return {"train_loss": float(loss_sum) / max(seen, 1), "train_acc": int(correct) / max(seen, 1),
+            "lr": lr_of(steps - 1),  # the epoch's last step's, which is the epoch's rate once warm-up is over
             "train_seconds": time.perf_counter() - t0}
 
 
@@ -300,6 +378,7 @@ def save_checkpoint(path: Path, state: TrainState, finished_epoch: int, inside: 
         "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
         **ranks[0], **({"rank_rng": ranks} if state.dist.active else {}),
         "history": state.history, "best": state.best, "epoch": finished_epoch, "init_from": state.init_from,
+        "ema": {k: v.detach().cpu() for k, v in state.ema.state_dict().items()} if state.ema is not None else None,
         **({"partial": inside} if inside else {}),
     })
 
@@ -319,6 +398,11 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
     state.history, state.best = [dict(h) for h in st["history"]], dict(st["best"])
     state.next_epoch, state.partial = st["epoch"] + 1, partial
     state.init_from = st.get("init_from")  # states saved before --init-from existed have none
+    if state.ema is not None:
+        if st.get("ema") is None:
+            raise BloodcellError(f"{path}: the training state holds no moving average of the weights although the "
+                                 "run's config has ema on; delete it to start afresh")
+        load_state(state.ema, st["ema"], path)
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool | None = None,
@@ -407,6 +491,7 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: bool | None, data:
             state.model = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters
         state.net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    state.ema = make_ema(model, cfg.ema)
     if resume and state_path.is_file():
         load_checkpoint(state_path, state)
         if state.partial:
@@ -434,7 +519,7 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: bool | None, data:
         stats = run_epoch(state, td, cfg, epoch, progress=progress, save_every=save_every, on_save=save_inside)
         t_val = time.perf_counter()
         if recal is not None:  # the statistics of these weights, not a lagging average (bn_recalibrate.py)
-            recalibrate_bn(state.model, recal, Normalizer(**(td.normalization or {})).to(device))
+            recalibrate_bn(weights_model(state), recal, Normalizer(**(td.normalization or {})).to(device))
         val_loss, val_acc = distributed.from_main(d, validate(clf, td.x_val, td.y_val), device)
         if not (math.isfinite(stats["train_loss"]) and math.isfinite(val_loss)):
             kept = f"epoch {state.history[-1]['epoch']} is kept in {out}" if state.history else "nothing was saved"
@@ -453,8 +538,8 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: bool | None, data:
             state.best = {"val_acc": val_acc, "epoch": epoch + 1}
         if d.main:
             if improved:
-                save_weights(out / "best.safetensors", model, meta)
-            save_weights(out / "last.safetensors", model, meta)
+                save_weights(out / "best.safetensors", weights_model(state), meta)
+            save_weights(out / "last.safetensors", weights_model(state), meta)
             write_text(out / "history.csv", csv_text(HISTORY_FIELDS, state.history))
         save_checkpoint(state_path, state, epoch)
         log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}  "

@@ -1,4 +1,4 @@
-"""Learning-rate schedules, as multipliers of the base rate per epoch index (0-based)."""
+"""Learning-rate schedules, as multipliers of the base rate per epoch index (0-based), and the per-step warm-up."""
 
 from __future__ import annotations
 
@@ -18,3 +18,19 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     if schedule == "constant":
         return 1.0
     raise ValueError(f"unknown schedule '{schedule}'")
+
+
+def warmup_factor(progress: float, warmup_epochs: float) -> float:
+    """Linear warm-up: ``progress`` (epochs done, counting the current step, e.g. 0.25 after a quarter of the
+    first epoch) over ``warmup_epochs``, capped at 1. Early Adam/SGD steps on random weights are the largest and
+    noisiest; a ramp keeps them from throwing the weights far before the statistics settle."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, progress / warmup_epochs)
+
+
+def step_lr(base_lr: float, schedule: str, epoch: int, epochs: int, step: int, steps: int,
+            warmup_epochs: float) -> float:
+    """The learning rate of step ``step`` (0-based) of ``steps`` in ``epoch``: the per-epoch schedule times the
+    per-step warm-up (which ends, at factor 1, after ``warmup_epochs``)."""
+    return base_lr * lr_factor(schedule, epoch, epochs) * warmup_factor(epoch + (step + 1) / steps, warmup_epochs)

@@ -1,0 +1,199 @@
+"""Issue 32's recipe ablation on SE-CNN: the recommended recipe (the base) and variants that each change exactly
+one setting, trained with the same seeds, so each difference in test accuracy is that one setting's.
+
+Usage (from the project root, with the package installed; prepare the data first):
+    bloodcell data prepare --source ../shared/data/pbc --split-file ../shared/data/pbc/split.csv
+    python benchmarks/recipe_ablation.py                      # every variant x seeds 0,1,2 (many CPU-hours)
+    python benchmarks/recipe_ablation.py --variants base,mixup --seeds 0 --epochs 1 --train-limit 256  # smoke
+
+Every run is ``bloodcell train ... --evaluate`` in its own process, into OUT/VARIANT/seedS. Resumable: a run whose
+metrics.json holds test results is skipped, an unfinished one continues with ``bloodcell train --resume``. The
+TTA variant trains nothing: it evaluates the base runs with ``bloodcell evaluate --tta dihedral``. Writes the
+table to --report (markdown) and the figures beside it (.json), with the machine and the exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bloodcell.choices import RECIPE_SETTINGS
+from bloodcell.io import read_json, write_json, write_text
+from bloodcell.machine import machine_info, machine_load
+
+ROOT = Path(__file__).resolve().parent
+CPU_FILE = "ablation_cpu.json"  # a run's accumulated process CPU seconds (training and its test evaluation)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One change to the base recipe: extra ``bloodcell train`` options, or a TTA mode at evaluation."""
+
+    name: str
+    change: str
+    args: tuple[str, ...] = ()
+    tta: str = "none"  # not "none": evaluate the base runs with this TTA instead of training
+
+
+def variants(base_epochs: int) -> dict[str, Variant]:
+    """The base and its one-change variants (the warm-up is capped at the run's epochs for smoke runs)."""
+    base = RECIPE_SETTINGS["recommended"]
+    warm = min(2, base_epochs)
+    out = [
+        Variant("base", f"none: the recommended recipe ({base['optimizer']} {base['lr']:g}, {base['schedule']}, "
+                        f"augment {base['augment']}, {base_epochs} epochs, TTA none)"),
+        Variant("adamw", "AdamW, weight decay 0.05", ("--optimizer", "adamw", "--weight-decay", "0.05")),
+        Variant("warmup", f"linear warm-up over {warm:g} epochs", ("--warmup-epochs", str(warm))),
+        Variant("label-smoothing", "label smoothing 0.1", ("--label-smoothing", "0.1")),
+        Variant("augment-flip", "augment flip (not dihedral)", ("--augment", "flip")),
+        Variant("augment-none", "no flip/turn augmentation", ("--augment", "none")),
+        Variant("color-jitter", "colour/stain jitter 0.5", ("--color-jitter", "0.5")),
+        Variant("scale-jitter", "scale jitter 0.15 (zoom 0.85-1.15)", ("--scale-jitter", "0.15")),
+        Variant("mixup", "mixup (alpha 0.2)", ("--mix", "mixup")),
+        Variant("cutmix", "cutmix (alpha 1.0)", ("--mix", "cutmix")),
+        Variant("ema", "EMA of the weights, decay 0.999", ("--ema", "0.999")),
+        *[Variant(f"epochs{n}", f"{n} epochs", ("--epochs", str(n))) for n in (10, 20, 30) if n != base_epochs],
+        Variant("tta-dihedral", "TTA dihedral at evaluation (base runs, no training)", tta="dihedral"),
+    ]
+    return {v.name: v for v in out}
+
+
+def bloodcell(*args: str) -> float:
+    """Run ``bloodcell ARGS`` in a child process; returns its CPU seconds (user + system)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-m", "bloodcell", *args], check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def finished(run: Path, key: str = "test") -> bool:
+    metrics = run / "metrics.json"
+    return metrics.is_file() and key in read_json(metrics)
+
+
+def add_cpu(run: Path, seconds: float) -> None:
+    path = run / CPU_FILE
+    total = read_json(path)["cpu_seconds"] if path.is_file() else 0.0
+    write_json(path, {"cpu_seconds": round(total + seconds, 1)})
+
+
+def train_run(a: argparse.Namespace, v: Variant, seed: int, run: Path) -> None:
+    """Train and test one (variant, seed), or continue it; a finished run is left alone."""
+    if finished(run):
+        return
+    if (run / "config.json").is_file():
+        args = ["train", "--resume", "--out", str(run), "--evaluate"]
+    else:
+        args = ["train", "--model", "se-cnn", "--data", a.data, "--size", str(a.size), "--seed", str(seed),
+                "--epochs", str(a.epochs), *v.args, "--out", str(run), "--evaluate"]
+        args += ["--train-limit", str(a.train_limit)] if a.train_limit else []
+        args += ["--threads", str(a.threads)] if a.threads else []
+    print(f"[{v.name} seed {seed}] bloodcell {' '.join(args)}", flush=True)
+    add_cpu(run, bloodcell(*args))
+
+
+def tta_eval(v: Variant, run: Path) -> None:
+    if not finished(run, f"test_tta_{v.tta}"):
+        bloodcell("evaluate", str(run), "--tta", v.tta)
+
+
+def seed_result(run: Path, key: str) -> dict:
+    m = read_json(run / "metrics.json")
+    cpu = run / CPU_FILE
+    return {"run": str(run), "accuracy": m[key]["accuracy"], "f1_weighted": m[key]["f1_weighted"],
+            "checkpoint_epoch": m[key].get("checkpoint_epoch"), "train_seconds": m["training"]["total_seconds"],
+            "cpu_seconds": read_json(cpu)["cpu_seconds"] if cpu.is_file() else None}
+
+
+def run_variant(a: argparse.Namespace, v: Variant) -> dict:
+    """Every seed of ``v`` (trained or evaluated as needed) and their test results."""
+    out = []
+    for seed in a.seeds:
+        run = Path(a.out) / ("base" if v.tta != "none" else v.name) / f"seed{seed}"
+        train_run(a, variants(a.epochs)["base"] if v.tta != "none" else v, seed, run)
+        if v.tta != "none":
+            tta_eval(v, run)
+        out.append({"seed": seed, **seed_result(run, f"test_tta_{v.tta}" if v.tta != "none" else "test")})
+    return {"name": v.name, "change": v.change, "args": list(v.args), "tta": v.tta, "seeds": out,
+            **summarize(out)}
+
+
+def summarize(seeds: list[dict]) -> dict:
+    """Mean and sample std (ddof 1, the convention of every bloodcell report) over the seeds."""
+    acc = np.array([s["accuracy"] for s in seeds])
+    cpu = [s["cpu_seconds"] for s in seeds if s["cpu_seconds"] is not None]
+    return {"n": len(seeds), "accuracy_mean": round(float(acc.mean()), 4),
+            "accuracy_std": round(float(acc.std(ddof=1)), 4) if len(acc) > 1 else None,
+            "cpu_minutes_mean": round(float(np.mean(cpu)) / 60, 2) if cpu else None}
+
+
+def render(r: dict) -> str:
+    m = r["machine"]
+    lines = ["# SE-CNN recipe ablation (issue 32): one change at a time, same seeds", "",
+             f"Command: `{r['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {r['date_utc']}.", "",
+             f"Data {r['data']} at {r['size']} px, seeds {', '.join(map(str, r['seed_list']))}, base epochs "
+             f"{r['epochs']}" + (f", training subset of {r['train_limit']} images" if r["train_limit"] else "")
+             + ". Test accuracy of the best-validation checkpoint, mean +- sample std (ddof 1) over seeds; CPU "
+             "minutes are the training process's user + system time (its test evaluation included); delta is "
+             "the variant's mean minus the base's.", "",
+             "| variant | the one change | test accuracy | n seeds | CPU-minutes | delta vs base |",
+             "|---|---|---|---|---|---|"]
+    base = next((x for x in r["variants"] if x["name"] == "base"), None)
+    for x in r["variants"]:
+        acc = f"{x['accuracy_mean']:.4f}" + (f" +- {x['accuracy_std']:.4f}" if x["accuracy_std"] is not None else "")
+        cpu = "-" if x["cpu_minutes_mean"] is None else f"{x['cpu_minutes_mean']:.1f}"
+        if x["tta"] != "none":
+            cpu += " (the base's training)"
+        delta = "" if base is None or x is base else f"{x['accuracy_mean'] - base['accuracy_mean']:+.4f}"
+        lines.append(f"| {x['name']} | {x['change']} | {acc} | {x['n']} | {cpu} | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=RECIPE_SETTINGS["recommended"]["epochs"],
+                   help="the base recipe's epochs (default: %(default)s)")
+    p.add_argument("--data", default="pbc", help="prepared dataset (default: %(default)s)")
+    p.add_argument("--size", type=int, default=64, help="image size (default: %(default)s)")
+    p.add_argument("--train-limit", type=int, default=None, help="train on N images (smoke runs)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: all cores)")
+    p.add_argument("--out", default="runs/ablation", help="runs folder (default: %(default)s)")
+    p.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
+    p.add_argument("--report", default=str(ROOT / "results" / "frontier" / "ablation.md"),
+                   help="markdown table; the JSON goes beside it (default: %(default)s)")
+    a = p.parse_args(argv)
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    known = variants(a.epochs)
+    a.variant_names = a.variants.split(",") if a.variants else list(known)
+    unknown = [v for v in a.variant_names if v not in known]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    command = "python benchmarks/recipe_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    known = variants(a.epochs)
+    results = [run_variant(a, known[name]) for name in a.variant_names]
+    report = {"command": command.strip(), "machine": {**machine_info(), "load_1min": machine_load()},
+              "date_utc": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+              "data": a.data, "size": a.size, "epochs": a.epochs, "seed_list": a.seeds,
+              "train_limit": a.train_limit, "base_recipe": RECIPE_SETTINGS["recommended"], "variants": results}
+    md = Path(a.report)
+    write_json(md.with_suffix(".json"), report)
+    write_text(md, render(report))
+    print(render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
