@@ -73,6 +73,15 @@ def tiny_npz(tmp_path) -> Path:
 
 
 @pytest.fixture
+def prepared(tiny_npz) -> str:
+    """The tiny npz prepared as the dataset 'bloodmnist' (28 px); returns its name."""
+    from bloodcell.data.sources import prepare_from_npz
+
+    prepare_from_npz(tiny_npz)
+    return "bloodmnist"
+
+
+@pytest.fixture
 def run(tiny_npz, tmp_path) -> Path:
     """A run folder: SE-CNN trained for 2 epochs on the tiny npz at 28x28. Without BatchNorm recalibration, so the
     model still gets some test images wrong and the reports that list errors (e.g. the model card's most-confused

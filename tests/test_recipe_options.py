@@ -22,18 +22,12 @@ from bloodcell.data.jitter import (
     mix_draws,
     zoom_draws,
 )
-from bloodcell.data.sources import prepare_from_npz
 from bloodcell.errors import BloodcellError
 from bloodcell.training import TrainConfig, train
 from bloodcell.training.schedules import step_lr, warmup_factor
 
 FAST = dict(model="se-cnn", data="bloodmnist", size=28, batch_size=32, threads=1)
 
-
-@pytest.fixture
-def prepared(tiny_npz):
-    prepare_from_npz(tiny_npz)
-    return "bloodmnist"
 
 
 def history(run):

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bloodcell.data.sources import prepare_from_npz
 from bloodcell.errors import BloodcellError
 from bloodcell.inference.weights import load_model, read_weights
 from bloodcell.training import TrainConfig, train
@@ -20,11 +19,6 @@ from bloodcell.training.schedules import lr_factor
 
 FAST = dict(model="se-cnn", data="bloodmnist", size=28, batch_size=32, threads=1)
 
-
-@pytest.fixture
-def prepared(tiny_npz):
-    prepare_from_npz(tiny_npz)
-    return "bloodmnist"
 
 
 def history(run):
