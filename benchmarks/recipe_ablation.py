@@ -29,6 +29,8 @@ from bloodcell.io import read_json, write_json, write_text
 from bloodcell.machine import machine_info, machine_load
 
 ROOT = Path(__file__).resolve().parent
+REVIEW = ROOT / "results" / "explain" / "review"
+FLAGGED = REVIEW / "corrections_drop_flagged.csv"  # drop rows built from label_review_top50.csv (README there)
 CPU_FILE = "ablation_cpu.json"  # a run's accumulated process CPU seconds (training and its test evaluation)
 
 
@@ -40,14 +42,38 @@ class Variant:
     change: str
     args: tuple[str, ...] = ()
     tta: str = "none"  # not "none": evaluate the base runs with this TTA instead of training
+    corrections: str | None = None  # a corrections CSV: train the base recipe on the data prepared with it
+    defaults: bool = False  # train with train's defaults (today's recommended recipe) instead of the base
+
+
+# The base every variant changes one setting of: the recommended recipe as it was when this ablation ran (before
+# the ablation's findings changed the defaults), given to every run as explicit options, so that a run added or
+# resumed later still trains what the base's finished runs trained.
+ABLATION_BASE = dict(batch_size=64, optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0, schedule="cosine",
+                     augment="dihedral", label_smoothing=0.0, balance="none", bn_recalibrate=2048, warmup_epochs=0,
+                     ema=0.0, mix="none", color_jitter=0.0, scale_jitter=0.0)
+
+
+def base_args() -> tuple[str, ...]:
+    """ABLATION_BASE as ``bloodcell train`` options."""
+    return tuple(x for k, v in ABLATION_BASE.items() for x in (f"--{k.replace('_', '-')}", f"{v:g}"
+                                                                if isinstance(v, float) else str(v)))
+
+
+def recommended_change() -> str:
+    """What today's recommended recipe (train's defaults) changes against the base."""
+    now = RECIPE_SETTINGS["recommended"]
+    diff = [f"{k} {now[k]:g}" if isinstance(now[k], float) else f"{k} {now[k]}"
+            for k in ABLATION_BASE if now[k] != ABLATION_BASE[k]]
+    return "today's recommended recipe (train's defaults): " + (", ".join(diff) if diff else "the base itself")
 
 
 def variants(base_epochs: int) -> dict[str, Variant]:
     """The base and its one-change variants (the warm-up is capped at the run's epochs for smoke runs)."""
-    base = RECIPE_SETTINGS["recommended"]
+    base = ABLATION_BASE
     warm = min(2, base_epochs)
     out = [
-        Variant("base", f"none: the recommended recipe ({base['optimizer']} {base['lr']:g}, {base['schedule']}, "
+        Variant("base", f"none: the base recipe ({base['optimizer']} {base['lr']:g}, {base['schedule']}, "
                         f"augment {base['augment']}, {base_epochs} epochs, TTA none)"),
         Variant("adamw", "AdamW, weight decay 0.05", ("--optimizer", "adamw", "--weight-decay", "0.05")),
         Variant("warmup", f"linear warm-up over {warm:g} epochs", ("--warmup-epochs", str(warm))),
@@ -61,6 +87,11 @@ def variants(base_epochs: int) -> dict[str, Variant]:
         Variant("ema", "EMA of the weights, decay 0.999", ("--ema", "0.999")),
         *[Variant(f"epochs{n}", f"{n} epochs", ("--epochs", str(n))) for n in (10, 20, 30) if n != base_epochs],
         Variant("tta-dihedral", "TTA dihedral at evaluation (base runs, no training)", tta="dihedral"),
+        Variant("recommended", recommended_change(), defaults=True),
+        Variant("recommended-tta", "today's recommended recipe, TTA dihedral at evaluation (its runs, no "
+                                   "training)", tta="dihedral", defaults=True),
+        Variant("drop-flagged", "train/val without the 34 cleanlab-flagged images of the label review's top 50 "
+                                "(the conflicting duplicate among them); test unchanged", corrections=str(FLAGGED)),
     ]
     return {v.name: v for v in out}
 
@@ -84,6 +115,15 @@ def add_cpu(run: Path, seconds: float) -> None:
     write_json(path, {"cpu_seconds": round(total + seconds, 1)})
 
 
+def corrected_data(a: argparse.Namespace, corrections: str) -> str:
+    """Prepare (or reuse from the cache) ``--source`` with ``corrections`` applied; returns the dataset name."""
+    name = f"{a.data}-{Path(corrections).stem.replace('_', '-')}"
+    source = Path(a.source)
+    bloodcell("data", "prepare", "--source", str(source), "--split-file", str(source / "split.csv"),
+              "--size", str(a.size), "--name", name, "--corrections", corrections)
+    return name
+
+
 def train_run(a: argparse.Namespace, v: Variant, seed: int, run: Path) -> None:
     """Train and test one (variant, seed), or continue it; a finished run is left alone."""
     if finished(run):
@@ -91,8 +131,10 @@ def train_run(a: argparse.Namespace, v: Variant, seed: int, run: Path) -> None:
     if (run / "config.json").is_file():
         args = ["train", "--resume", "--out", str(run), "--evaluate"]
     else:
-        args = ["train", "--model", "se-cnn", "--data", a.data, "--size", str(a.size), "--seed", str(seed),
-                "--epochs", str(a.epochs), *v.args, "--out", str(run), "--evaluate"]
+        data = corrected_data(a, v.corrections) if v.corrections else a.data
+        recipe = () if v.defaults else base_args()
+        args = ["train", "--model", "se-cnn", "--data", data, "--size", str(a.size), "--seed", str(seed),
+                "--epochs", str(a.epochs), *recipe, *v.args, "--out", str(run), "--evaluate"]
         args += ["--train-limit", str(a.train_limit)] if a.train_limit else []
         args += ["--threads", str(a.threads)] if a.threads else []
     print(f"[{v.name} seed {seed}] bloodcell {' '.join(args)}", flush=True)
@@ -116,8 +158,9 @@ def run_variant(a: argparse.Namespace, v: Variant) -> dict:
     """Every seed of ``v`` (trained or evaluated as needed) and their test results."""
     out = []
     for seed in a.seeds:
-        run = Path(a.out) / ("base" if v.tta != "none" else v.name) / f"seed{seed}"
-        train_run(a, variants(a.epochs)["base"] if v.tta != "none" else v, seed, run)
+        trained = variants(a.epochs)["recommended" if v.defaults else "base"] if v.tta != "none" else v
+        run = Path(a.out) / trained.name / f"seed{seed}"
+        train_run(a, trained, seed, run)
         if v.tta != "none":
             tta_eval(v, run)
         out.append({"seed": seed, **seed_result(run, f"test_tta_{v.tta}" if v.tta != "none" else "test")})
@@ -162,6 +205,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=RECIPE_SETTINGS["recommended"]["epochs"],
                    help="the base recipe's epochs (default: %(default)s)")
     p.add_argument("--data", default="pbc", help="prepared dataset (default: %(default)s)")
+    p.add_argument("--source", default=str(ROOT.parent.parent / "shared" / "data" / "pbc"),
+                   help="the image folder (with split.csv) that --data was prepared from, for the drop-flagged "
+                        "variant's corrected copy (default: %(default)s)")
     p.add_argument("--size", type=int, default=64, help="image size (default: %(default)s)")
     p.add_argument("--train-limit", type=int, default=None, help="train on N images (smoke runs)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: all cores)")
@@ -187,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": command.strip(), "machine": {**machine_info(), "load_1min": machine_load()},
               "date_utc": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
               "data": a.data, "size": a.size, "epochs": a.epochs, "seed_list": a.seeds,
-              "train_limit": a.train_limit, "base_recipe": RECIPE_SETTINGS["recommended"], "variants": results}
+              "train_limit": a.train_limit, "base_recipe": ABLATION_BASE,
+              "recommended_recipe": RECIPE_SETTINGS["recommended"], "variants": results}
     md = Path(a.report)
     write_json(md.with_suffix(".json"), report)
     write_text(md, render(report))

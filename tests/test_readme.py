@@ -72,3 +72,10 @@ def test_documented_command_parses(where, kind, command, capsys):
     except SystemExit as e:
         err = capsys.readouterr().err
         assert e.code == 0, f"{where}: '{command}' does not parse: {err.strip()}"
+
+
+def test_no_page_keeps_an_unfilled_placeholder():
+    """A figure left as ``@@NAME@@`` by a draft is a page that claims a measurement it does not give."""
+    left = [f"{p.name}:{n}" for p in PAGES for n, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"@@[A-Z0-9_]+@@", line)]
+    assert not left, f"unfilled placeholders at {', '.join(left)}"

@@ -45,3 +45,40 @@ def test_every_variant_changes_exactly_one_setting():
         assert (len(v.args) in (0, 2) and v.tta == "none") or v.name == "adamw" or v.tta != "none", v
     assert "epochs20" not in recipe_ablation.variants(20)  # the base is the 20-epoch run
     assert recipe_ablation.variants(1)["warmup"].args == ("--warmup-epochs", "1")
+
+
+def test_committed_corrections_drop_the_flagged_images_of_the_real_split_and_leave_test_alone(pbc):
+    """The drop-flagged variant's CSV (and the conflicting-duplicate one) apply to the real PBC split: 34 flagged
+    train/val images go, the neutrophil copy of the pixel-identical eosinophil image among them; test is untouched."""
+    import numpy as np
+    import recipe_ablation
+
+    from bloodcell.data.sources import prepare_from_folder
+    from bloodcell.data.store import read_npz
+
+    split = pbc / "split.csv"
+    base = prepare_from_folder(pbc, size=28, split_file=split, progress=False, name="pbc")
+    fixed = prepare_from_folder(pbc, size=28, split_file=split, progress=False, name="pbc-fixed",
+                                corrections=recipe_ablation.FLAGGED)
+    dup = prepare_from_folder(pbc, size=28, split_file=split, progress=False, name="pbc-dup",
+                              corrections=recipe_ablation.REVIEW / "corrections_conflicting_duplicate.csv")
+    assert fixed["corrections"]["dropped"] == 34 and fixed["corrections"]["relabelled"] == 0
+    assert sum(base["counts"]["train"]) - sum(fixed["counts"]["train"]) == 28
+    assert sum(base["counts"]["val"]) - sum(fixed["counts"]["val"]) == 6
+    assert sum(base["counts"]["train"]) - sum(dup["counts"]["train"]) == 1
+    for info in (fixed, dup):
+        assert "neutrophil/BNE_191112.jpg" not in info["paths"]["train"]
+        assert "eosinophil/EO_225902.jpg" in info["paths"]["train"]  # the same pixels stay, as eosinophil
+        a, b = read_npz(base["npz"]), read_npz(info["npz"])
+        assert np.array_equal(a["test_images"], b["test_images"]) and np.array_equal(a["test_labels"], b["test_labels"])
+
+
+def test_the_base_is_pinned_as_options_so_later_runs_train_what_the_finished_ones_did():
+    import recipe_ablation
+
+    from bloodcell.cli import build_parser
+
+    a = build_parser().parse_args(["train", "--model", "se-cnn", "--out", "x", *recipe_ablation.base_args()])
+    for field, value in recipe_ablation.ABLATION_BASE.items():
+        assert getattr(a, field) == value, field
+    assert recipe_ablation.variants(20)["recommended"].defaults  # the one variant that trains train's defaults
