@@ -19,7 +19,7 @@ bloodcell data info --data "$DATA" --size 64
 
 resume=()
 [ -f "$RUN/config.json" ] && resume=(--resume)
-# the recommended recipe is train's default (AdamW, label smoothing, cosine schedule, dihedral augmentation)
+# the recommended recipe is train's default (Adam, cosine schedule, dihedral augmentation)
 bloodcell train --model se-cnn --data "$DATA" --size 64 --epochs "$EPOCHS" --seed 0 --out "$RUN" "${resume[@]}"
 bloodcell evaluate "$RUN" --split test --speed
 # and with test-time augmentation over the 8 dihedral views, part of the recommended recipe (docs/training.md)

@@ -42,7 +42,7 @@ def test_every_variant_changes_exactly_one_setting():
     import recipe_ablation
 
     for v in recipe_ablation.variants(20).values():
-        assert (len(v.args) in (0, 2) and v.tta == "none") or v.name == "adamw" or v.tta != "none", v
+        assert (len(v.args) in (0, 2) and v.tta == "none") or v.name in ("adamw", "adamw-ls") or v.tta != "none", v
     assert "epochs20" not in recipe_ablation.variants(20)  # the base is the 20-epoch run
     assert recipe_ablation.variants(1)["warmup"].args == ("--warmup-epochs", "1")
 
