@@ -42,7 +42,8 @@ def test_every_variant_changes_exactly_one_setting():
     import recipe_ablation
 
     for v in recipe_ablation.variants(20).values():
-        assert (len(v.args) in (0, 2) and v.tta == "none") or v.name in ("adamw", "adamw-ls") or v.tta != "none", v
+        one_setting = len(v.args) in (0, 2) and v.tta == "none"
+        assert one_setting or v.name in ("adamw", "adamw-ls", "issue-probe") or v.tta != "none", v
     assert "epochs20" not in recipe_ablation.variants(20)  # the base is the 20-epoch run
     assert recipe_ablation.variants(1)["warmup"].args == ("--warmup-epochs", "1")
 
@@ -81,4 +82,10 @@ def test_the_base_is_pinned_as_options_so_later_runs_train_what_the_finished_one
     a = build_parser().parse_args(["train", "--model", "se-cnn", "--out", "x", *recipe_ablation.base_args()])
     for field, value in recipe_ablation.ABLATION_BASE.items():
         assert getattr(a, field) == value, field
-    assert recipe_ablation.variants(20)["recommended"].defaults  # the one variant that trains train's defaults
+    for v in recipe_ablation.variants(20).values():  # a variant is the base plus its own options, nothing else
+        if v.args:
+            b = build_parser().parse_args(["train", "--model", "se-cnn", "--out", "x", *recipe_ablation.base_args(),
+                                           *v.args])
+            changed = {f for f, value in recipe_ablation.ABLATION_BASE.items() if getattr(b, f) != value}
+            named = all(f"--{f.replace('_', '-')}" in v.args for f in changed)
+            assert (changed or "--epochs" in v.args) and named, v.name
