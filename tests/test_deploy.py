@@ -98,6 +98,28 @@ def test_export_writes_a_checked_bundle_with_parity_metrics_and_card(run, bundle
     np.testing.assert_allclose(sess.run(None, {"images": x.numpy()})[0], ref, atol=1e-4)
 
 
+def test_the_recorded_train_command_rebuilds_the_runs_config_whatever_the_defaults(run, bundle, monkeypatch):
+    """bundle.json's train command writes every recipe setting out, so it still makes this model after the
+    recommended recipe's defaults change (as they did between sessions)."""
+    import shlex
+
+    from bloodcell.choices import RECIPE_SETTINGS
+    from bloodcell.cli import build_parser
+    from bloodcell.commands.train import options_config, recipe_options_given
+    from bloodcell.training import TrainConfig
+
+    cmd = next(c for c in json.loads((bundle / "bundle.json").read_text())["commands"]
+               if c.startswith("bloodcell train "))
+    saved = TrainConfig.load(run / "config.json").to_dict()
+    changed = {**RECIPE_SETTINGS["recommended"], "optimizer": "sgd", "lr": 0.05, "epochs": 7, "label_smoothing": 0.2,
+               "warmup_epochs": 3}
+    monkeypatch.setitem(RECIPE_SETTINGS, "recommended", changed)
+    a = build_parser().parse_args(shlex.split(cmd)[1:])
+    rebuilt = options_config(a, recipe_options_given(a)).to_dict()
+    for key in RECIPE_SETTINGS["recommended"]:
+        assert rebuilt[key] == saved[key], (key, cmd)
+
+
 def test_export_takes_the_runs_calibrated_temperature_and_its_error_analysis(run, tmp_path, monkeypatch):
     real = Classifier.from_run.__func__
 

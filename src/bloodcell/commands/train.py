@@ -57,11 +57,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             raise BloodcellError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
                                  "without it each process keeps its own BatchNorm statistics")
         return launch_processes(a)
-    from bloodcell.training import preset_config
-
-    given = {k: getattr(a, k) for k in RECIPE_OPTIONS if getattr(a, k) is not None}
-    if a.normalize:
-        given["normalize"] = True
+    given = recipe_options_given(a)
     if a.config:
         cfg = config_with_options(a, given)
         out = Path(a.out) if a.out else Path("runs") / f"{cfg.model}_{Path(cfg.data).stem}{cfg.size}_seed{cfg.seed}"
@@ -71,14 +67,27 @@ def cmd_train(a: argparse.Namespace) -> int:
             raise BloodcellError("--resume needs --out RUN_DIR (the run to continue)")
         extend = given.pop("epochs", None)
         _check_resume_options(Path(a.out), {**given, **_start_options(a)})
-    cfg = preset_config(
-        a.recipe, model=a.model, model_args=parse_model_args(a.model_arg), data=a.data, size=a.size,
-        data_dir=a.data_dir, seed=a.seed, train_limit=a.train_limit, threads=a.threads, precision=a.precision,
-        device=a.device, sync_bn=a.sync_bn, pretrained=a.pretrained, init_from=a.init_from,
-        **_distill_options(a), **({} if a.resume else given))
+    cfg = options_config(a, {} if a.resume else given)
     data_tag = Path(a.data).stem if a.data.endswith(".npz") else a.data
     out = Path(a.out) if a.out else Path("runs") / f"{a.model}_{data_tag}{a.size}_seed{a.seed}"
     return _train_and_report(a, cfg, out, extend if a.resume else None)
+
+
+def recipe_options_given(a: argparse.Namespace) -> dict:
+    """The recipe options given on the command line (the others come from --recipe)."""
+    given = {k: getattr(a, k) for k in RECIPE_OPTIONS if getattr(a, k) is not None}
+    return {**given, "normalize": True} if a.normalize else given
+
+
+def options_config(a: argparse.Namespace, given: dict):
+    """The TrainConfig of a new run from its options: --recipe's settings with ``given`` on top."""
+    from bloodcell.training import preset_config
+
+    return preset_config(
+        a.recipe, model=a.model, model_args=parse_model_args(a.model_arg), data=a.data, size=a.size,
+        data_dir=a.data_dir, seed=a.seed, train_limit=a.train_limit, threads=a.threads, precision=a.precision,
+        device=a.device, sync_bn=a.sync_bn, pretrained=a.pretrained, init_from=a.init_from,
+        **_distill_options(a), **given)
 
 
 # Options with their own defaults that --config's file may set; given on the command line, they win over it.

@@ -112,11 +112,14 @@ def _commands(run: Path, cfg: TrainConfig | None, data_meta: dict, out: Path, ch
     elif src.get("kind") == "npz":
         cmds.append(f"bloodcell data prepare --npz {src['path']}")
     if cfg is not None:
+        # every recipe setting is written out, so the command still makes this model when the defaults change
         rec = RECIPE_SETTINGS["recommended"]
         c = f"bloodcell train --model {cfg.model} --data {cfg.data} --size {cfg.size} --seed {cfg.seed}"
         for key, value in cfg.to_dict().items():
-            if key in rec and value != rec[key] and value is not None and key != "normalize":
+            if key in rec and value is not None and key != "normalize":
                 c += f" --{key.replace('_', '-')} {value}"
+        if any(cfg.to_dict()[k] is None and v is not None for k, v in rec.items()):
+            c += " --recipe paper"  # e.g. the paper's per-model optimizer: only that recipe leaves it unset
         c += " --normalize" if cfg.normalize else ""
         c += "".join(f" --model-arg {k}={v}" for k, v in (cfg.model_args or {}).items())
         c += f" --precision {cfg.precision}" if cfg.precision != "fp32" else ""
