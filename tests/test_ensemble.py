@@ -310,3 +310,34 @@ def test_predict_with_onnx_runtime_caches_the_ensemble_bundle(soft, cells, tmp_p
     assert "exporting" not in capsys.readouterr().err  # re-used while ensemble.json and the members' weights hold
     api = Classifier.from_run(soft, device="cpu").predict_files(cells)
     assert [r["top"][0]["class"] for r in json.loads(out.read_text())] == [r.top[0][0] for r in api]
+
+
+def test_compare_lists_an_ensemble_and_each_tta_evaluation(runs, tmp_path, capsys):
+    """`benchmark compare` takes ensemble folders like runs: its own test metrics, its members' summed cost; and a
+    row per recorded `evaluate --tta` of a run or an ensemble."""
+    import csv
+    import shutil
+
+    for seed in range(3):
+        shutil.copytree(runs[seed], tmp_path / "members" / f"seed{seed}")
+    members = [str(tmp_path / "members" / f"seed{s}") for s in range(3)]
+    ens = tmp_path / "ens"
+    assert main(["ensemble", *members, "--out", str(ens), "--device", "cpu"]) == 0
+    assert main(["evaluate", str(ens), "--tta", "dihedral", "--device", "cpu"]) == 0
+    assert main(["evaluate", members[0], "--tta", "flip", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["benchmark", "compare", str(tmp_path / "members"), str(ens), "--out", str(tmp_path / "cmp"),
+                 "--device", "cpu"]) == 0
+    rows = {r["label"]: r for r in csv.DictReader((tmp_path / "cmp" / "results.csv").open())}
+    assert set(rows) == {"members", "members + TTA flip", "ens", "ens + TTA dihedral"}, rows
+    metrics = json.loads((ens / "metrics.json").read_text())
+    assert float(rows["ens"]["accuracy_mean"]) == pytest.approx(metrics["test"]["accuracy"])
+    assert float(rows["ens + TTA dihedral"]["accuracy_mean"]) == pytest.approx(metrics["test_tta_dihedral"]["accuracy"])
+    assert rows["ens"]["model"] == "ensemble of 3x se-cnn" and rows["ens"]["seeds"] == "0"
+    assert int(rows["ens"]["params_keras"]) == 3 * int(rows["members"]["params_keras"])
+    member_seconds = [json.loads((Path(m) / "metrics.json").read_text())["training"]["total_seconds"] for m in members]
+    assert float(rows["ens"]["total_seconds_mean"]) == pytest.approx(sum(member_seconds), rel=1e-5)
+    assert rows["members + TTA flip"]["seeds"] == "0"  # only seed 0 was evaluated with flips
+    flip = json.loads((Path(members[0]) / "metrics.json").read_text())["test_tta_flip"]["accuracy"]
+    assert float(rows["members + TTA flip"]["accuracy_mean"]) == pytest.approx(flip)
+    assert "soft vote of 3" in rows["ens"]["settings"] and rows["members + TTA flip"]["settings"].endswith("TTA flip")

@@ -13,14 +13,22 @@ def run_label(run: Path) -> str:
     return run.parent.name if re.fullmatch(r"seed\d+", run.name) else run.name
 
 
+RUN_MARKERS = ("config.json", "ensemble.json")  # a run folder; an ensemble folder (``bloodcell ensemble``)
+
+
+def is_run_or_ensemble(d: Path) -> bool:
+    return any((d / name).is_file() for name in RUN_MARKERS)
+
+
 def find_runs(dirs: list[str | Path]) -> list[Path]:
-    """Run folders in ``dirs``: each dir that is a run, else every run below it."""
+    """Run and ensemble folders in ``dirs``: each dir that is one, else every one below it."""
     runs: list[Path] = []
     for d in map(Path, dirs):
         if not d.is_dir():
             raise BloodcellError(f"{d}: folder not found")
-        found = [d] if (d / "config.json").is_file() else sorted(p.parent for p in d.rglob("config.json"))
+        found = [d] if is_run_or_ensemble(d) else sorted(
+            {p.parent for name in RUN_MARKERS for p in d.rglob(name)})
         if not found:
-            raise BloodcellError(f"{d}: no run folders (config.json) in it")
+            raise BloodcellError(f"{d}: no run folders (config.json) or ensembles (ensemble.json) in it")
         runs += [r for r in found if r not in runs]
     return runs

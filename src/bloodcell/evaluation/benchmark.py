@@ -137,6 +137,46 @@ def run_row(run: Path) -> dict:
     return row
 
 
+def ensemble_row(folder: Path) -> dict:
+    """A tested ensemble's figures: its own test metrics, and its members' costs summed (training time, size),
+    as training or shipping it costs all of them; the settings name the vote, the members and their settings."""
+    from bloodcell.inference.ensemble import read_ensemble
+
+    spec = read_ensemble(folder)
+    members = [run_row(r) for r in spec["member_runs"]]
+    test = read_json(folder / "metrics.json")["test"]
+    models = Counter(m["model"] for m in members)
+    row = {"run": str(folder), "model": "ensemble of " + " + ".join(f"{n}x {k}" for k, n in models.items()),
+           "seed": 0, "epochs": None, "balance": "none", "checkpoint": test.get("checkpoint"),
+           "params_keras": test.get("params_keras"),
+           "infer_images_per_s": (test.get("speed") or test.get("cpu") or {}).get("throughput_images_per_s")}
+    row.update({k: test.get(k) for k in METRICS if k in test})
+    for k in ("total_seconds", "model_size_mb"):
+        vals = [m.get(k) for m in members]
+        row[k] = row.get(k) or (sum(vals) if None not in vals else None)
+    machines = {m["machine"] for m in members}
+    row["machine"] = machines.pop() if len(machines) == 1 else None
+    row["threads"] = members[0]["threads"]
+    row["settings"] = (f"{spec['vote']} vote of {len(members)} ({'; '.join(sorted({m['settings'] for m in members}))}"
+                       f", seeds {', '.join(str(m['seed']) for m in members)})")
+    row["history"], row["first_epoch_load"] = [], None
+    return row
+
+
+def tta_rows(run: Path, row: dict) -> list[dict]:
+    """One more row per recorded test-time-augmentation evaluation (``evaluate --tta``): the same model and cost,
+    its own test metrics; inference speed is left out (TTA runs the model once per view)."""
+    m = read_json(run / "metrics.json")
+    out = []
+    for key in sorted(k for k in m if k.startswith("test_tta_")):
+        test = m[key]
+        tta = key.removeprefix("test_tta_")
+        extra = {k: test.get(k) for k in METRICS if k in test and k not in ("model_size_mb",)}
+        out.append({**row, **extra, "infer_images_per_s": None, "settings": f"{row['settings']}, TTA {tta}",
+                    "tta": tta})
+    return out
+
+
 def settings_text(cfg: TrainConfig, checkpoint: str | None) -> str:
     opt = cfg.optimizer or _default_optimizer(cfg.model)
     parts = [f"{cfg.epochs} ep", f"{opt} {cfg.lr:g}", cfg.schedule]
@@ -387,22 +427,28 @@ def suite_report(suite_name: str, out: str | Path, size: int = 64) -> dict:
 def compare(dirs: list[str | Path], out: str | Path, checkpoint: str = "best", device: str = "auto",
             log=print) -> dict:
     """One table and the figures from any finished run folders; runs never tested are tested on ``checkpoint``."""
+    from bloodcell.inference.ensemble import is_ensemble
+
     runs = find_runs(dirs)
     rows, labels = [], []
     for run in runs:
         m = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
-        if "training" not in m:
+        ensemble = is_ensemble(run)
+        if "training" not in m and not ensemble:
             log(f"skipping {run}: training not finished")
             continue
         if "test" not in m:
             log(f"testing {run} ({checkpoint} checkpoint)")
             evaluate_run(run, "test", checkpoint, device=device)
-        rows.append(run_row(run))
-        labels.append(run_label(run))
+        row = ensemble_row(run) if ensemble else run_row(run)
+        for r in (row, *tta_rows(run, row)):
+            rows.append(r)
+            labels.append(run_label(run) + (f" + TTA {r['tta']}" if "tta" in r else ""))
     if not rows:
         raise BloodcellError("no finished runs among " + ", ".join(map(str, dirs)))
     groups = group_rows(rows, labels)
     reproduce = "bloodcell benchmark compare " + " ".join(map(str, dirs)) + f" --out {out}"
-    return write_report(groups, out, "Comparison of runs", f"{len(rows)} runs from {', '.join(map(str, dirs))}.",
+    return write_report(groups, out, "Comparison of runs", f"{len(runs)} run and ensemble folders from {', '.join(map(str, dirs))}"
+                        + (", with a row per recorded TTA evaluation." if len(rows) > len(runs) else "."),
                         "paper-facts.md Tables 2 and 3, by model name (the paper's settings may differ from a "
                         "run's)", reproduce)
