@@ -90,9 +90,13 @@ def add_commands(sub) -> None:
         p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
         p.set_defaults(func=cmd_benchmark_suite)
     cp = bsub.add_parser("compare", help="one table and the figures from any finished run folders",
-                         description="DIRs are run folders or folders holding runs (searched recursively). "
-                                     "Runs in folders named seedN are grouped under their parent's name.")
-    cp.add_argument("dirs", nargs="+", metavar="DIR", help="run folders, or folders holding run folders")
+                         description="DIRs are run folders, ensemble folders (bloodcell ensemble) or folders "
+                                     "holding them (searched recursively). Runs in folders named seedN are grouped "
+                                     "under their parent's name. An ensemble's row has its own test metrics and its "
+                                     "members' summed training time and size; every recorded 'evaluate --tta' "
+                                     "adds a row of its own.")
+    cp.add_argument("dirs", nargs="+", metavar="DIR",
+                    help="run or ensemble folders, or folders holding them")
     cp.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
     cp.add_argument("--checkpoint", choices=CHECKPOINTS, default="best",
                     help="weights to test for runs not yet tested: 'best' by validation or 'last' epoch "

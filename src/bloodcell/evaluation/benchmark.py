@@ -448,7 +448,9 @@ def compare(dirs: list[str | Path], out: str | Path, checkpoint: str = "best", d
         raise BloodcellError("no finished runs among " + ", ".join(map(str, dirs)))
     groups = group_rows(rows, labels)
     reproduce = "bloodcell benchmark compare " + " ".join(map(str, dirs)) + f" --out {out}"
-    return write_report(groups, out, "Comparison of runs", f"{len(runs)} run and ensemble folders from {', '.join(map(str, dirs))}"
-                        + (", with a row per recorded TTA evaluation." if len(rows) > len(runs) else "."),
+    folders = len({r["run"] for r in rows})
+    description = (f"{folders} run and ensemble folders from {', '.join(map(str, dirs))}"
+                   + (", with a row per recorded TTA evaluation." if len(rows) > folders else "."))
+    return write_report(groups, out, "Comparison of runs", description,
                         "paper-facts.md Tables 2 and 3, by model name (the paper's settings may differ from a "
                         "run's)", reproduce)
