@@ -54,12 +54,26 @@ def restore(results: Path, runs: Path) -> int:
     return n
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--restore"]:
-        dest = Path(sys.argv[2] if len(sys.argv) > 2 else "benchmarks/results/paper")
-        runs = Path(sys.argv[3] if len(sys.argv) > 3 else "runs/benchmarks")
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--restore", action="store_true", help="copy committed finished runs back into a runs root")
+    ap.add_argument("first", nargs="?", help="RUNS_ROOT (DEST with --restore)")
+    ap.add_argument("second", nargs="?", help="DEST (RUNS_ROOT with --restore)")
+    a = ap.parse_args(argv)
+    if a.restore:
+        dest, runs = Path(a.first or "benchmarks/results/paper"), Path(a.second or "runs/benchmarks")
+        if not dest.is_dir():
+            ap.error(f"{dest}: results folder not found")
         print(f"restored {restore(dest, runs)} finished runs from {dest} to {runs}")
-        sys.exit(0)
-    src = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/benchmarks")
-    dest = Path(sys.argv[2] if len(sys.argv) > 2 else "benchmarks/results/paper")
+        return 0
+    src, dest = Path(a.first or "runs/benchmarks"), Path(a.second or "benchmarks/results/paper")
+    if not src.is_dir():
+        ap.error(f"{src}: runs folder not found")
     print(f"copied {sync(src, dest)} files from {src} to {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

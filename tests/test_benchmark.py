@@ -280,6 +280,9 @@ def test_sync_copies_reports_and_autoencoder_history_but_no_weights(tmp_path):
     (unfinished / "config.json").write_text("{}")
     (tmp_path / "runs" / "paper-table3" / "RESULTS.md").write_text("# table")
     sync = importlib.import_module("sync_paper_results")
+    with pytest.raises(SystemExit) as exit_:  # a missing folder is a usage error, not a traceback
+        sync.main([str(tmp_path / "missing")])
+    assert exit_.value.code == 2
     sync.sync(tmp_path / "runs", tmp_path / "copy")
     copied = sorted(p.relative_to(tmp_path / "copy").as_posix() for p in (tmp_path / "copy").rglob("*.*"))
     assert copied == ["paper-table3/RESULTS.md"] + [
