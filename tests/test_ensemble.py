@@ -324,6 +324,12 @@ def test_compare_lists_an_ensemble_and_each_tta_evaluation(runs, tmp_path, capsy
     ens = tmp_path / "ens"
     assert main(["ensemble", *members, "--out", str(ens), "--device", "cpu"]) == 0
     assert main(["evaluate", str(ens), "--tta", "dihedral", "--device", "cpu"]) == 0
+    for m in members:  # an ensemble's row needs only its members' training, not their own test results
+        metrics = json.loads((Path(m) / "metrics.json").read_text())
+        metrics.pop("test", None)
+        (Path(m) / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["benchmark", "compare", str(ens), "--out", str(tmp_path / "alone"), "--device", "cpu"]) == 0
+    assert not any("test" in json.loads((Path(m) / "metrics.json").read_text()) for m in members)
     assert main(["evaluate", members[0], "--tta", "flip", "--device", "cpu"]) == 0
     capsys.readouterr()
     assert main(["benchmark", "compare", str(tmp_path / "members"), str(ens), "--out", str(tmp_path / "cmp"),

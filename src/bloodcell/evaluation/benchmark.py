@@ -124,9 +124,7 @@ def run_row(run: Path) -> dict:
     m = read_json(run / "metrics.json")
     test, tr = m["test"], m.get("training", {})
     row = {"run": str(run), "model": cfg.model, "seed": cfg.seed, "epochs": tr.get("epochs"), "balance": cfg.balance,
-           "checkpoint": test.get("checkpoint"), "params_keras": test.get("params_keras"),
-           "infer_images_per_s": (test.get("speed") or test.get("cpu") or {}).get("throughput_images_per_s")}
-    row.update({k: test.get(k) for k in METRICS if k in test})
+           **tested_fields(test)}
     row.update({k: tr.get(k) for k in ("first_epoch_seconds", "mean_epoch_seconds", "total_seconds")})
     row["threads"] = tr.get("threads")  # training CPU time = wall time x threads
     row["machine"] = tr.get("machine")  # None for runs trained before runs recorded it
@@ -137,30 +135,40 @@ def run_row(run: Path) -> dict:
     return row
 
 
+def tested_fields(test: dict) -> dict:
+    """A row's figures from a metrics.json "test" entry (a run's or an ensemble's)."""
+    return {"checkpoint": test.get("checkpoint"), "params_keras": test.get("params_keras"),
+            "infer_images_per_s": (test.get("speed") or test.get("cpu") or {}).get("throughput_images_per_s"),
+            **{k: test.get(k) for k in METRICS if k in test}}
+
+
 def ensemble_row(folder: Path) -> dict:
-    """A tested ensemble's figures: its own test metrics, and its members' costs summed (training time, size),
-    as training or shipping it costs all of them; the settings name the vote, the members and their settings."""
+    """A tested ensemble's figures: its own test metrics, and its members' training time summed (training it
+    costs all of them); the settings name the vote, the members' settings and seeds. The members need not have
+    been tested themselves."""
     from bloodcell.inference.ensemble import read_ensemble
 
     spec = read_ensemble(folder)
-    members = [run_row(r) for r in spec["member_runs"]]
-    test = read_json(folder / "metrics.json")["test"]
-    models = Counter(m["model"] for m in members)
-    row = {"run": str(folder), "model": "ensemble of " + " + ".join(f"{n}x {k}" for k, n in models.items()),
-           "seed": 0, "epochs": None, "balance": "none", "checkpoint": test.get("checkpoint"),
-           "params_keras": test.get("params_keras"),
-           "infer_images_per_s": (test.get("speed") or test.get("cpu") or {}).get("throughput_images_per_s")}
-    row.update({k: test.get(k) for k in METRICS if k in test})
-    for k in ("total_seconds", "model_size_mb"):
-        vals = [m.get(k) for m in members]
-        row[k] = row.get(k) or (sum(vals) if None not in vals else None)
-    machines = {m["machine"] for m in members}
-    row["machine"] = machines.pop() if len(machines) == 1 else None
-    row["threads"] = members[0]["threads"]
-    row["settings"] = (f"{spec['vote']} vote of {len(members)} ({'; '.join(sorted({m['settings'] for m in members}))}"
-                       f", seeds {', '.join(str(m['seed']) for m in members)})")
-    row["history"], row["first_epoch_load"] = [], None
-    return row
+    configs, trainings = [], []
+    for r in spec["member_runs"]:
+        m = read_json(r / "metrics.json") if (r / "metrics.json").is_file() else {}
+        if not (r / "config.json").is_file() or "training" not in m:
+            raise BloodcellError(f"{folder / 'ensemble.json'}: member run {r} is not a finished run (moved or "
+                                 "deleted?)")
+        configs.append(TrainConfig.load(r / "config.json"))
+        trainings.append(m["training"])
+    models = Counter(c.model for c in configs)
+    seconds = [t.get("total_seconds") for t in trainings]
+    machines = {t.get("machine") for t in trainings}
+    settings = "; ".join(sorted({settings_text(c, spec["checkpoint"]) for c in configs}))
+    return {"run": str(folder), "model": "ensemble of " + " + ".join(f"{n}x {k}" for k, n in models.items()),
+            "seed": 0, "epochs": None, "balance": "none",
+            **tested_fields(read_json(folder / "metrics.json")["test"]),
+            "total_seconds": None if None in seconds else sum(seconds),
+            "machine": machines.pop() if len(machines) == 1 else None, "threads": trainings[0].get("threads"),
+            "settings": f"{spec['vote']} vote of {len(configs)} ({settings}, seeds "
+                        f"{', '.join(str(c.seed) for c in configs)})",
+            "history": [], "first_epoch_load": None}
 
 
 def tta_rows(run: Path, row: dict) -> list[dict]:

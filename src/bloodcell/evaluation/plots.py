@@ -134,7 +134,8 @@ def curves_png(histories: dict[str, list[dict]], path: str | Path, keys: tuple[s
             ax.set_xlabel("epoch")
             ax.set_ylabel(key.replace("_", " "))
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, ncol=2)
+            if items:  # e.g. only ensembles, which have no history of their own
+                ax.legend(fontsize=7, ncol=2)
     else:
         n = max(1, len(items))
         cols = min(columns, n)
