@@ -347,3 +347,7 @@ def test_compare_lists_an_ensemble_and_each_tta_evaluation(runs, tmp_path, capsy
     flip = json.loads((Path(members[0]) / "metrics.json").read_text())["test_tta_flip"]["accuracy"]
     assert float(rows["members + TTA flip"]["accuracy_mean"]) == pytest.approx(flip)
     assert "soft vote of 3" in rows["ens"]["settings"] and rows["members + TTA flip"]["settings"].endswith("TTA flip")
+    shutil.rmtree(members[2])
+    capsys.readouterr()
+    assert main(["benchmark", "compare", str(ens), "--out", str(tmp_path / "gone")]) == 2
+    assert "member run" in one_error_line(capsys) and "seed2" in members[2]
