@@ -145,19 +145,28 @@ def seed_result(run: Path, key: str) -> dict:
     return {"run": str(run), "accuracy": m[key]["accuracy"], "f1_weighted": m[key]["f1_weighted"],
             "checkpoint_epoch": m[key].get("checkpoint_epoch"), "train_seconds": m["training"]["total_seconds"],
             # training CPU time as the frontier counts it: wall seconds of every epoch (a resumed run's too) x threads
-            "cpu_seconds": m["training"]["total_seconds"] * (m["training"].get("threads") or 1)}
+            "cpu_seconds": m["training"]["total_seconds"] * (m["training"].get("threads") or 1),
+            "machine": m["training"].get("machine")}
 
 
-def run_variant(a: argparse.Namespace, v: Variant) -> dict:
-    """Every seed of ``v`` (trained or evaluated as needed) and their test results."""
+def run_variant(a: argparse.Namespace, v: Variant) -> dict | None:
+    """Every seed of ``v`` (trained or evaluated as needed) and their test results; with ``--report-only`` the
+    seeds that are finished (None if there are none)."""
     out = []
+    key = f"test_tta_{v.tta}" if v.tta != "none" else "test"
     for seed in a.seeds:
         trained = variants(a.epochs)[v.of] if v.tta != "none" else v
         run = Path(a.out) / trained.name / f"seed{seed}"
+        if a.report_only:
+            if finished(run, key):
+                out.append({"seed": seed, **seed_result(run, key)})
+            continue
         train_run(a, trained, seed, run)
         if v.tta != "none":
             tta_eval(v, run)
-        out.append({"seed": seed, **seed_result(run, f"test_tta_{v.tta}" if v.tta != "none" else "test")})
+        out.append({"seed": seed, **seed_result(run, key)})
+    if not out:
+        return None
     return {"name": v.name, "change": v.change, "args": list(v.args), "tta": v.tta, "seeds": out,
             **summarize(out)}
 
@@ -166,7 +175,8 @@ def summarize(seeds: list[dict]) -> dict:
     """Mean and sample std (ddof 1, the convention of every bloodcell report) over the seeds."""
     acc = np.array([s["accuracy"] for s in seeds])
     cpu = [s["cpu_seconds"] for s in seeds if s["cpu_seconds"] is not None]
-    return {"n": len(seeds), "accuracy_mean": round(float(acc.mean()), 4),
+    return {"n": len(seeds), "seed_list": [s["seed"] for s in seeds],
+            "machines": sorted({s.get("machine") or "?" for s in seeds}), "accuracy_mean": round(float(acc.mean()), 4),
             "accuracy_std": round(float(acc.std(ddof=1)), 4) if len(acc) > 1 else None,
             "cpu_minutes_mean": round(float(np.mean(cpu)) / 60, 3) if cpu else None}
 
@@ -174,14 +184,18 @@ def summarize(seeds: list[dict]) -> dict:
 def render(r: dict) -> str:
     m = r["machine"]
     lines = ["# SE-CNN recipe ablation (issue 32): one change at a time, same seeds", "",
-             f"Command: `{r['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {r['date_utc']}.", "",
+             ("Report of the finished runs (nothing trained), written by" if r.get("report_only") else "Command:")
+             + f" `{r['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {r['date_utc']}.", "",
              f"Data {r['data']} at {r['size']} px, seeds {', '.join(map(str, r['seed_list']))}, base epochs "
              f"{r['epochs']}" + (f", training subset of {r['train_limit']} images" if r["train_limit"] else "")
              + ". Test accuracy of the best-validation checkpoint, mean +- sample std (ddof 1) over seeds; CPU "
              "minutes are training wall time x threads (the frontier's training CPU-minutes); delta is "
-             "the variant's mean minus the base's.", "",
-             "| variant | the one change | test accuracy | n seeds | CPU-minutes | delta vs base |",
-             "|---|---|---|---|---|---|"]
+             "the variant's mean minus the base's" + (
+                 " (over different seeds where the seeds column differs: compare rows with the same seeds)"
+                 if r.get("report_only") else "") + ". The machine column is where each row's runs trained: "
+             "CPU-minutes are comparable only between rows of the same machine.", "",
+             "| variant | the one change | test accuracy | seeds | CPU-minutes | delta vs base | trained on |",
+             "|---|---|---|---|---|---|---|"]
     base = next((x for x in r["variants"] if x["name"] == "base"), None)
     for x in r["variants"]:
         acc = f"{x['accuracy_mean']:.4f}" + (f" +- {x['accuracy_std']:.4f}" if x["accuracy_std"] is not None else "")
@@ -189,7 +203,9 @@ def render(r: dict) -> str:
         if x["tta"] != "none":
             cpu += " (the evaluated runs' training)"
         delta = "" if base is None or x is base else f"{x['accuracy_mean'] - base['accuracy_mean']:+.4f}"
-        lines.append(f"| {x['name']} | {x['change']} | {acc} | {x['n']} | {cpu} | {delta} |")
+        seeds = ", ".join(map(str, x.get("seed_list") or [])) or str(x["n"])
+        lines.append(f"| {x['name']} | {x['change']} | {acc} | {seeds} | {cpu} | {delta} | "
+                     f"{', '.join(x.get('machines') or ['?'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -207,6 +223,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: all cores)")
     p.add_argument("--out", default="runs/ablation", help="runs folder (default: %(default)s)")
     p.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: the table of the runs already finished among --seeds "
+                        "(a variant may then have fewer seeds than another; the seeds column says which)")
     p.add_argument("--report", default=str(ROOT / "results" / "frontier" / "ablation.md"),
                    help="markdown table; the JSON goes beside it (default: %(default)s)")
     a = p.parse_args(argv)
@@ -224,14 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/recipe_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     known = variants(a.epochs)
     try:
-        results = [run_variant(a, known[name]) for name in a.variant_names]
+        results = [r for name in a.variant_names if (r := run_variant(a, known[name])) is not None]
     except StepFailed as e:
         print(f"recipe_ablation: error: {e}", file=sys.stderr)
+        return 1
+    if not results:
+        print(f"recipe_ablation: error: no finished runs of {', '.join(a.variant_names)} for seeds "
+              f"{', '.join(map(str, a.seeds))} under {a.out}", file=sys.stderr)
         return 1
     report = {"command": command.strip(), "machine": {**machine_info(), "load_1min": machine_load()},
               "date_utc": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
               "data": a.data, "size": a.size, "epochs": a.epochs, "seed_list": a.seeds,
-              "train_limit": a.train_limit, "base_recipe": ABLATION_BASE,
+              "train_limit": a.train_limit, "report_only": a.report_only, "base_recipe": ABLATION_BASE,
               "recommended_recipe": RECIPE_SETTINGS["recommended"], "variants": results}
     md = Path(a.report)
     write_json(md.with_suffix(".json"), report)

@@ -89,3 +89,35 @@ def test_the_base_is_pinned_as_options_so_later_runs_train_what_the_finished_one
             changed = {f for f, value in recipe_ablation.ABLATION_BASE.items() if getattr(b, f) != value}
             named = all(f"--{f.replace('_', '-')}" in v.args for f in changed)
             assert (changed or "--epochs" in v.args) and named, v.name
+
+
+def test_report_only_tables_the_finished_seeds_and_trains_nothing(tiny_npz, tmp_path, monkeypatch, capsys):
+    import recipe_ablation
+
+    prepare_from_npz(tiny_npz)
+    common = ["--data", "bloodmnist", "--size", "28", "--epochs", "1", "--train-limit", "32", "--threads", "1",
+              "--out", str(tmp_path / "runs")]
+    assert recipe_ablation.main([*common, "--seeds", "0", "--variants", "base",
+                                 "--report", str(tmp_path / "first.md")]) == 0
+    assert recipe_ablation.main([*common, "--seeds", "1", "--variants", "mixup",
+                                 "--report", str(tmp_path / "second.md")]) == 0
+
+    def no_child(*a, **k):
+        raise AssertionError(f"--report-only started {a[0]}")
+
+    monkeypatch.setattr(subprocess, "run", no_child)
+    report = tmp_path / "all.md"
+    argv = [*common, "--seeds", "0,1", "--variants", "base,mixup,ema,tta-dihedral", "--report-only",
+            "--report", str(report)]
+    assert recipe_ablation.main(argv) == 0
+    saved = json.loads(report.with_suffix(".json").read_text())
+    # base has seed 0 only, mixup seed 1 only; ema and the TTA evaluation were never run, so they have no row
+    assert {v["name"]: v["seed_list"] for v in saved["variants"]} == {"base": [0], "mixup": [1]}
+    text = report.read_text()
+    assert "Report of the finished runs (nothing trained)" in text and "| base |" in text and "| ema |" not in text
+    assert saved["variants"][0]["machines"][0] in text
+    capsys.readouterr()
+    assert recipe_ablation.main([*common, "--seeds", "2", "--variants", "base", "--report-only",
+                                 "--report", str(report)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("recipe_ablation: error: no finished runs of base for seeds 2") and "\n" not in err
