@@ -181,6 +181,15 @@ def summarize(seeds: list[dict]) -> dict:
             "cpu_minutes_mean": round(float(np.mean(cpu)) / 60, 3) if cpu else None}
 
 
+def paired_delta(x: dict, base: dict) -> str:
+    """The variant's mean minus the base's mean over the same seeds (blank if the base lacks one of them)."""
+    by_seed = {s["seed"]: s["accuracy"] for s in base["seeds"]}
+    seeds = [s["seed"] for s in x["seeds"]]
+    if not all(s in by_seed for s in seeds):
+        return ""
+    return f"{np.mean([s['accuracy'] for s in x['seeds']]) - np.mean([by_seed[s] for s in seeds]):+.4f}"
+
+
 def render(r: dict) -> str:
     m = r["machine"]
     lines = ["# SE-CNN recipe ablation (issue 32): one change at a time, same seeds", "",
@@ -190,10 +199,8 @@ def render(r: dict) -> str:
              f"{r['epochs']}" + (f", training subset of {r['train_limit']} images" if r["train_limit"] else "")
              + ". Test accuracy of the best-validation checkpoint, mean +- sample std (ddof 1) over seeds; CPU "
              "minutes are training wall time x threads (the frontier's training CPU-minutes); delta is "
-             "the variant's mean minus the base's" + (
-                 " (over different seeds where the seeds column differs: compare rows with the same seeds)"
-                 if r.get("report_only") else "") + ". The machine column is where each row's runs trained: "
-             "CPU-minutes are comparable only between rows of the same machine.", "",
+             "the variant's mean minus the base's mean over the same seeds. The machine column is where each "
+             "row's runs trained: CPU-minutes are comparable only between rows of the same machine.", "",
              "| variant | the one change | test accuracy | seeds | CPU-minutes | delta vs base | trained on |",
              "|---|---|---|---|---|---|---|"]
     base = next((x for x in r["variants"] if x["name"] == "base"), None)
@@ -202,7 +209,7 @@ def render(r: dict) -> str:
         cpu = "-" if x["cpu_minutes_mean"] is None else f"{x['cpu_minutes_mean']:.1f}"
         if x["tta"] != "none":
             cpu += " (the evaluated runs' training)"
-        delta = "" if base is None or x is base else f"{x['accuracy_mean'] - base['accuracy_mean']:+.4f}"
+        delta = "" if base is None or x is base else paired_delta(x, base)
         seeds = ", ".join(map(str, x.get("seed_list") or [])) or str(x["n"])
         lines.append(f"| {x['name']} | {x['change']} | {acc} | {seeds} | {cpu} | {delta} | "
                      f"{', '.join(x.get('machines') or ['?'])} |")

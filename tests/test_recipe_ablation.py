@@ -121,3 +121,12 @@ def test_report_only_tables_the_finished_seeds_and_trains_nothing(tiny_npz, tmp_
                                  "--report", str(report)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("recipe_ablation: error: no finished runs of base for seeds 2") and "\n" not in err
+
+
+def test_the_delta_compares_the_base_over_the_variants_own_seeds():
+    import recipe_ablation
+
+    base = {"seeds": [{"seed": 0, "accuracy": 0.97}, {"seed": 1, "accuracy": 0.98}, {"seed": 2, "accuracy": 0.90}]}
+    two = {"seeds": [{"seed": 0, "accuracy": 0.975}, {"seed": 1, "accuracy": 0.985}]}
+    assert recipe_ablation.paired_delta(two, base) == "+0.0050"  # not against the base's 3-seed mean of 0.95
+    assert recipe_ablation.paired_delta({"seeds": [{"seed": 5, "accuracy": 0.99}]}, base) == ""
