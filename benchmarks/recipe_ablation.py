@@ -210,9 +210,8 @@ def render(r: dict) -> str:
         if x["tta"] != "none":
             cpu += " (the evaluated runs' training)"
         delta = "" if base is None or x is base else paired_delta(x, base)
-        seeds = ", ".join(map(str, x.get("seed_list") or [])) or str(x["n"])
-        lines.append(f"| {x['name']} | {x['change']} | {acc} | {seeds} | {cpu} | {delta} | "
-                     f"{', '.join(x.get('machines') or ['?'])} |")
+        lines.append(f"| {x['name']} | {x['change']} | {acc} | {', '.join(map(str, x['seed_list']))} | {cpu} | "
+                     f"{delta} | {', '.join(x['machines'])} |")
     return "\n".join(lines) + "\n"
 
 
