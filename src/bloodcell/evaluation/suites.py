@@ -109,8 +109,8 @@ def _oversampling() -> Suite:
 
 # Past the paper (issue 32): the efficient families, trained from scratch with the recommended recipe and tested
 # on the best validation checkpoint, against parameters, FLOPs, inference time and training CPU time.
-FRONTIER_MODELS = ("se-cnn-slim", "se-cnn", "mobilenetv3-small", "mobilenetv3-large", "efficientnet-b0",
-                   "regnety-400mf", "resnet18", "convnext-atto", "vit-tiny")
+FRONTIER_MODELS = ("se-cnn-slim", "se-cnn", "se-resnet-slim", "se-resnet", "mobilenetv3-small", "mobilenetv3-large",
+                   "efficientnet-b0", "regnety-400mf", "resnet18", "convnext-atto", "vit-tiny")
 
 
 def _frontier() -> Suite:

@@ -49,7 +49,7 @@ def register_model(
 
 def _load_families() -> None:
     # Importing a family module registers its models.
-    from bloodcell.models import autoencoder, cnn, cnn_ablation, inception, modern, resnet, vgg  # noqa: F401
+    from bloodcell.models import autoencoder, cnn, cnn_ablation, inception, modern, resnet, se_resnet, vgg  # noqa: F401
 
 
 def get_spec(name: str) -> ModelSpec:
