@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from bloodcell.data.store import load_dataset  # noqa: E402
+from bloodcell.errors import BloodcellError  # noqa: E402
 from bloodcell.explain.common import split_paths  # noqa: E402
 from bloodcell.explain.review import rank_label_issues  # noqa: E402
 from bloodcell.inference import Classifier  # noqa: E402
@@ -60,7 +61,7 @@ def shared_errors(runs: list[str], *, data: str, size: int, tta: str, data_dir: 
     vote = mean_probs.argmax(1)
     out = error_overlap(labels, preds)
     _, flagged = rank_label_issues(labels, mean_probs)
-    all_wrong = np.flatnonzero((preds != labels[None, :]).all(0))
+    all_wrong = np.flatnonzero((preds != labels[None, :]).all(0))  # the images error_overlap counts as wrong_by_all
     names = ds.class_names
     out.update(
         soft_vote_accuracy=round(float((vote == labels).mean()), 4),
@@ -109,7 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", type=Path, default=None, help="markdown report; the JSON goes beside it")
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
-    res = shared_errors(a.runs, data=a.data, size=a.size, tta=a.tta, data_dir=a.data_dir)
+    try:
+        res = shared_errors(a.runs, data=a.data, size=a.size, tta=a.tta, data_dir=a.data_dir)
+    except BloodcellError as e:  # a missing run or dataset: one line, not a traceback
+        raise SystemExit(f"shared_errors.py: {e}") from None
     machine = machine_info()
     md = report_md(res, a.runs, "python benchmarks/shared_errors.py " + " ".join(argv), machine, a.tta, a.size)
     print(md)

@@ -37,3 +37,11 @@ def test_the_report_lists_the_images_every_run_misses(run, tmp_path):
     assert saved["soft_vote_accuracy"] == saved["member_accuracy"][0] == round(1 - saved["wrong_by_all"] / 32, 4)
     text = report.read_text()
     assert "python benchmarks/shared_errors.py --data bloodmnist" in text and saved["machine"]["cpu"] in text
+
+
+def test_a_missing_run_is_one_line_not_a_traceback(prepared, tmp_path):
+    import pytest
+    import shared_errors
+
+    with pytest.raises(SystemExit, match=r"shared_errors.py: .*nope"):
+        shared_errors.main(["--data", prepared, "--size", "28", str(tmp_path / "nope")])

@@ -33,6 +33,7 @@ def test_depth_adds_blocks_per_stage():
     (dict(widths=(8, 16), depths=(1,)), "one depth >= 1 per width"),
     (dict(widths=(8, 16), depths=(1, 0)), "one depth >= 1 per width"),
     (dict(widths=(8,) * 6, depths=(1,) * 6, input_size=28), "too small"),
+    (dict(widths="16,32", depths=(1, 1)), "lists of integers"),  # --model-arg widths=16,32 without brackets
 ])
 def test_bad_shapes_are_refused_with_the_reason(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -55,6 +55,9 @@ class SEResNet(nn.Module):
         dropout: float = 0.2,
     ):
         super().__init__()
+        if not all(isinstance(n, int) for n in (*widths, *depths)):
+            raise ValueError(f"widths and depths must be lists of integers, e.g. widths=[16,32,64,128], not "
+                             f"{widths!r} and {depths!r}")
         if len(widths) != len(depths) or not widths or min(depths) < 1:
             raise ValueError(f"widths {tuple(widths)} and depths {tuple(depths)} need one depth >= 1 per width")
         if input_size >> len(widths) < 1:
